@@ -1,0 +1,44 @@
+"""Shared fixtures: one Ray cluster per test session (each init costs seconds on 2 cores)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+
+SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray cluster with a small fixed CPU count, shut down at the end."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}})
+    yield ray
+    try:
+        from ray import serve
+
+        serve.shutdown()
+    except Exception:
+        pass
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def photochat_sample_dir() -> str:
+    path = os.path.abspath(os.path.join(SHARED, "data", "photochat-sample"))
+    if not os.path.isdir(path):
+        pytest.skip("../shared/data/photochat-sample is not present")
+    return path
