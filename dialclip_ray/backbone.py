@@ -26,6 +26,7 @@ from open_clip.transformer import VisionTransformer
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 OUR_MODELS = ("dialclip-micro", "dialclip-tiny")
 _registered = False
+RANDOM_INIT_SEED = 0
 
 
 def register_model_configs() -> None:
@@ -91,8 +92,12 @@ def load_backbone(model_name: str, pretrained: str | None = None, device: str | 
             f"(tags: {open_clip.list_pretrained_tags_by_model(model_name)})")
     if model_name not in open_clip.list_models() and not model_name.startswith(("hf-hub:", "local-dir:")):
         raise UnsupportedBackboneError(f"unknown open_clip model {model_name!r}")
-    model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-        model_name, pretrained=pretrained or None, device=device, precision=precision)
+    # Random-init backbones (pretrained=None) come from a fixed seed, so every worker, replica and
+    # later reload builds the same weights and a checkpoint's weights hash stays valid.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+            model_name, pretrained=pretrained or None, device=device, precision=precision)
     check_supported(model, model_name)
     tokenizer = open_clip.get_tokenizer(model_name)
     return Backbone(model_name, pretrained, model, preprocess_train, preprocess_val, tokenizer)
@@ -103,7 +108,7 @@ def weights_hash(module: torch.nn.Module) -> str:
     digest = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
         digest.update(name.encode())
-        t = tensor.detach().to("cpu").contiguous()
+        t = tensor.detach().to("cpu").contiguous().reshape(-1)
         digest.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
         digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()[:16]

@@ -42,3 +42,19 @@ def photochat_sample_dir() -> str:
     if not os.path.isdir(path):
         pytest.skip("../shared/data/photochat-sample is not present")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory):
+    """A tiny synthetic corpus in the real file formats, prepared through the real loaders (32 px images)."""
+    from types import SimpleNamespace
+
+    from dialclip_ray.data.prepare import prepare
+    from dialclip_ray.data.synthetic import generate
+
+    root = tmp_path_factory.mktemp("corpus")
+    raw = root / "raw"
+    generate(raw, dialogs=60, seed=1, image_size=32, progress=False)
+    prepare("photochat", raw / "photochat", raw / "photochat_images", root / "photochat", progress=False)
+    prepare("mmdialog", raw / "mmdialog", None, root / "mmdialog", progress=False)
+    return SimpleNamespace(raw=raw, photochat=root / "photochat", mmdialog=root / "mmdialog")

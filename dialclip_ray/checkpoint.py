@@ -1,0 +1,105 @@
+"""Checkpoints hold trainable state only, tied to the backbone they were trained on.
+
+A DialCLIP checkpoint is a few hundred KB: the added modules' tensors, the model
+config, the backbone identity (open_clip model name, pretrained tag or path, and
+a hash of the frozen weights) and the parameter counts. Everything in the file is
+plain tensors and primitives, so it loads with ``torch.load(weights_only=True)``.
+Loading refuses a backbone whose weights hash differs: prompts tuned on one CLIP
+are meaningless on another.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .backbone import Backbone, load_backbone
+from .config import DialCLIPConfig
+from .model import DialCLIP, build_model
+from .params import parameter_report
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "dialclip.pt"
+META_FILE = "dialclip.json"
+
+
+class BackboneMismatchError(ValueError):
+    pass
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def checkpoint_meta(model: DialCLIP, extra: dict | None = None) -> dict:
+    return {"format_version": FORMAT_VERSION, "config": model.cfg.model_dump(mode="json"),
+            "backbone": dict(model.identity), "params": parameter_report(model).as_dict(),
+            "extra": extra or {}}
+
+
+def save_checkpoint(model: DialCLIP, directory: str | os.PathLike, extra: dict | None = None) -> Path:
+    """Write ``dialclip.pt`` (tensors + meta) and a readable ``dialclip.json`` into ``directory``."""
+    directory = Path(directory)
+    meta = checkpoint_meta(model, extra)
+    payload = {"meta_json": json.dumps(meta), "state": model.trainable_state_dict()}
+    _atomic_write(directory / WEIGHTS_FILE, lambda p: torch.save(payload, p))
+    _atomic_write(directory / META_FILE, lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
+    return directory
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(meta, trainable state) from a checkpoint directory or ``dialclip.pt`` file; never unpickles code."""
+    path = Path(path)
+    file = path / WEIGHTS_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"no DialCLIP checkpoint at {path} (expected {WEIGHTS_FILE})")
+    payload = torch.load(file, map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or "meta_json" not in payload or "state" not in payload:
+        raise ValueError(f"{file}: not a DialCLIP checkpoint (missing meta_json/state)")
+    meta = json.loads(payload["meta_json"])
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{file}: checkpoint format {meta.get('format_version')} != {FORMAT_VERSION}")
+    return meta, payload["state"]
+
+
+def load_checkpoint(path: str | os.PathLike, backbone: Backbone | None = None, pretrained: str | None = None,
+                    device: str | torch.device = "cpu") -> tuple[DialCLIP, Backbone, dict]:
+    """Rebuild the model: load the recorded backbone (or the one given), check its hash, load the state.
+
+    ``pretrained`` overrides the recorded tag/path (the same weights moved to another path);
+    the weights hash still has to match.
+    """
+    meta, state = read_checkpoint(path)
+    cfg = DialCLIPConfig.model_validate(meta["config"])
+    ident = meta["backbone"]
+    if backbone is None:
+        backbone = load_backbone(ident["model_name"], pretrained or ident.get("pretrained"))
+    if backbone.model_name != ident["model_name"]:
+        raise BackboneMismatchError(
+            f"checkpoint {path} was trained on backbone {ident['model_name']!r}, not {backbone.model_name!r}")
+    model, backbone = build_model(cfg, backbone)
+    if model.identity["weights_hash"] != ident["weights_hash"]:
+        raise BackboneMismatchError(
+            f"checkpoint {path} was trained on {ident['model_name']} weights {ident['weights_hash']} "
+            f"(pretrained={ident.get('pretrained')!r}) but the loaded backbone hashes to "
+            f"{model.identity['weights_hash']} (pretrained={backbone.pretrained!r})")
+    missing = set(model.trainable_state_dict()) - set(state)
+    unexpected = set(state) - set(model.state_dict())
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {path} does not fit the model: missing {sorted(missing)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]}")
+    model.load_state_dict(state, strict=False)
+    model.identity = dict(ident)
+    return model.to(device), backbone, meta

@@ -1,0 +1,56 @@
+"""``dialclip index build``: embed prepared corpora with a checkpoint into a sharded serving index."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def parse_params(pairs: list[str] | None) -> dict:
+    """``key=value`` pairs; values parsed as JSON when they can be (``nlist=64`` -> 64)."""
+    params = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise argparse.ArgumentTypeError(f"--param expects key=value, got {pair!r}")
+        try:
+            params[key] = json.loads(value)
+        except json.JSONDecodeError:
+            params[key] = value
+    return params
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("index", help="build the sharded FAISS index that `dialclip serve` searches")
+    isub = p.add_subparsers(dest="index_command", required=True, metavar="ACTION")
+    b = isub.add_parser("build", help="embed every image/text of the corpora (Ray Data) and shard them")
+    b.add_argument("--checkpoint", required=True, help="DialCLIP checkpoint directory")
+    b.add_argument("--corpus", action="append", required=True, help="prepared dataset dir; repeat for several")
+    b.add_argument("--out", required=True, help="index directory to create")
+    b.add_argument("--shards", type=int, default=1)
+    b.add_argument("--kind", default="flat", choices=["flat", "ivf", "ivfpq", "hnsw"])
+    b.add_argument("--param", action="append", default=[], help="index parameter key=value (e.g. nlist=256)")
+    b.add_argument("--actors", type=int, default=2, help="encoder actors in the Ray Data pool")
+    b.add_argument("--batch-size", type=int, default=64)
+    b.add_argument("--target", action="append", choices=["image", "text"], default=None,
+                   help="modalities to index (default: both)")
+    b.add_argument("--overwrite", action="store_true", help="replace an existing index (swapped in when complete)")
+    b.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    from ..index import validate_params
+    from ..index_job import build_index
+    from ..ray_utils import ensure_ray
+
+    params = parse_params(args.param)
+    validate_params(args.kind, params)  # fail before starting Ray
+    ensure_ray(num_cpus=max(2, args.actors))
+    layout = build_index(args.checkpoint, args.corpus, args.out, shards=args.shards, kind=args.kind, params=params,
+                         actors=args.actors, target_types=tuple(args.target or ("image", "text")),
+                         batch_size=args.batch_size, overwrite=args.overwrite)
+    for target, m in layout.manifests.items():
+        print(f"{target}: {m.total_count} vectors of dim {m.dim} in {len(m.shards)} {m.kind} shard(s) "
+              f"-> {layout.directory / target}")
+    print(f"index written to {layout.directory}")
+    return 0

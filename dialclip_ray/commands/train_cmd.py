@@ -1,0 +1,46 @@
+"""``dialclip train``: prompt tuning (or a baseline) as a Ray Train job."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="training config YAML (see configs/)")
+    p.add_argument("--workers", type=int, default=None, help="data-parallel workers (overrides run.workers)")
+    p.add_argument("--gpu", action="store_true", help="one GPU per worker, NCCL, mixed precision")
+    p.add_argument("--run-name", default=None, help="rerunning a name resumes it (overrides run.name)")
+    p.add_argument("--storage", default=None, help="where runs live (overrides run.storage_path)")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--pretrained", default=None, help="backbone weights: open_clip tag or local path")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="prompt-tune DialCLIP (or train a baseline) with Ray Train")
+    add_arguments(p)
+    p.set_defaults(func=main)
+
+
+def overrides_from(args: argparse.Namespace) -> dict:
+    pairs = {"run.workers": args.workers, "run.name": args.run_name, "run.storage_path": args.storage,
+             "optim.epochs": args.epochs, "model.backbone.pretrained": args.pretrained}
+    out = {k: v for k, v in pairs.items() if v is not None}
+    if args.gpu:
+        out["run.use_gpu"] = True
+    return out
+
+
+def main(args: argparse.Namespace) -> int:
+    from ..train.config import ConfigError, load_train_config
+    from ..train.run import run_training
+
+    try:
+        cfg = load_train_config(args.config, overrides_from(args))
+    except ConfigError as exc:
+        print(f"error: {exc}")
+        return 2
+    outcome = run_training(cfg)
+    print(f"run: {outcome.run_dir} ({'trained' if outcome.trained else 'already complete, reused'})")
+    print(f"best checkpoint: {outcome.best}  val_sum={outcome.best_metrics.get('val_sum', float('nan')):.2f}")
+    print(f"curves: {outcome.run_dir / 'training_curves.png'}")
+    return 0

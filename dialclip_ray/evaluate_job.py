@@ -1,0 +1,60 @@
+"""The evaluation job: one or more checkpoints on one prepared split -> JSON + Markdown table.
+
+Several checkpoints (DialCLIP and its baselines) are scored in one run so
+their rows sit in one table computed the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from .metrics import markdown_table
+
+
+def parse_named(specs: list[str]) -> dict[str, str]:
+    """``name=path`` pairs (a bare path is named after its directory)."""
+    named = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = Path(spec).resolve().parent.name if Path(spec).name in ("best", "latest") \
+                else Path(spec).name, spec
+        named[name] = path
+    return named
+
+
+def evaluate_checkpoints(checkpoints: dict[str, str], data: str, split: str = "test", out: str | None = None,
+                         distributed: bool = True, actors: int = 2, batch_size: int = 64,
+                         max_examples: int | None = None) -> dict:
+    results, rows = {}, {}
+    for name, path in checkpoints.items():
+        t0 = time.time()
+        if distributed:
+            from .evaluation_ray import evaluate_with_ray
+            from .ray_utils import ensure_ray
+
+            ensure_ray(num_cpus=max(2, actors))
+            res = evaluate_with_ray(path, data, split, actors, batch_size, max_examples)
+        else:
+            from .checkpoint import load_checkpoint
+            from .data.dataset import CanonicalDataset
+            from .evaluation import evaluate_model
+
+            model, backbone, _ = load_checkpoint(path)
+            res = evaluate_model(model, backbone, CanonicalDataset.load(data), split, batch_size=batch_size,
+                                 max_examples=max_examples)
+        res["seconds"] = time.time() - t0
+        res["checkpoint"] = str(path)
+        results[name] = res
+        for rtype, m in res["per_type"].items():
+            rows[f"{name} ({rtype})"] = m
+    table = markdown_table(rows, title=f"model (split {split})")
+    report = {"data": str(data), "split": split, "results": results, "table": table}
+    if out:
+        out_dir = Path(out)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "eval.json").write_text(json.dumps(report, indent=2))
+        (out_dir / "eval.md").write_text(table + "\n")
+    return report

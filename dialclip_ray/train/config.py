@@ -1,0 +1,116 @@
+"""The training config file: model, data, optimisation and run settings, validated.
+
+A YAML/JSON file with four sections. ``model`` takes a ``preset`` name plus any
+DialCLIPConfig field as an override, so a Tune sweep's best trial, a baseline
+and a hand-written config all have the same shape.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ..config import PRESETS, DialCLIPConfig
+
+
+class DataSection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    train: list[str] = Field(min_length=1, description="prepared dataset directories (dialclip data prepare)")
+    train_split: str = "train"
+    val_split: str = "dev"
+    test_split: str = "test"
+    max_train_examples: int | None = Field(None, ge=1, description="cap per dataset and target type")
+    max_val_examples: int | None = Field(None, ge=1)
+    loader_workers: int = Field(0, ge=0)
+
+
+class OptimSection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int = Field(5, ge=0)
+    batch_size: int = Field(32, ge=2, description="per worker; in-batch negatives")
+    lr: float = Field(1e-3, gt=0)
+    backbone_lr: float = Field(1e-5, gt=0, description="for the finetune variant's CLIP weights")
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_steps: int = Field(20, ge=0)
+    grad_clip: float = Field(1.0, ge=0)
+    eval_batch_size: int = Field(64, ge=1)
+
+
+class RunSection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field("dialclip", pattern=r"^[A-Za-z0-9_.-]+$")
+    storage_path: str = "runs/train"
+    workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    amp: Literal["bf16", "fp16", "none"] = "bf16"  # used on GPU only
+    seed: int = 0
+    max_failures: int = Field(1, ge=0)
+    num_to_keep: int | None = Field(None, ge=1, description="checkpoints kept (None = all; they are small)")
+    threads_per_worker: int | None = Field(None, ge=1)
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: DialCLIPConfig = Field(default_factory=DialCLIPConfig)
+    data: DataSection
+    optim: OptimSection = Field(default_factory=OptimSection)
+    run: RunSection = Field(default_factory=RunSection)
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _apply_preset(cls, value: Any) -> Any:
+        if isinstance(value, dict) and "preset" in value:
+            value = dict(value)
+            name = value.pop("preset")
+            if name not in PRESETS:
+                raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+            value = {**PRESETS[name], **value}
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if self.model.variant == "zeroshot" and self.optim.epochs:
+            self.optim.epochs = 0  # nothing to train
+        return self
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def load_train_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
+    """Read a YAML/JSON training config; errors name the file and the offending key."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a training config is a mapping with model/data/optim/run sections")
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"{path}: invalid training config: {problems}") from None
+
+
+def dump_train_config(cfg: TrainConfig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    tmp.replace(path)
+    return path

@@ -1,0 +1,107 @@
+"""Driver side of a training run: the TorchTrainer, resume, and the run's outputs.
+
+Outputs under ``<storage_path>/<name>/`` (beside Ray's own checkpoint dirs):
+``best/`` and ``latest/`` (DialCLIP checkpoints), ``metrics.json``,
+``metrics.csv``, ``training_curves.png`` and ``train_config.yaml``.
+A rerun with the same name resumes from the latest checkpoint (Ray Train's
+``get_checkpoint``); a run whose latest checkpoint already reached the
+requested epochs is not trained again.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..checkpoint import META_FILE, WEIGHTS_FILE
+from ..ray_utils import ensure_ray
+from .config import TrainConfig, dump_train_config
+from .plots import plot_training_curves
+
+
+@dataclass
+class TrainOutcome:
+    run_dir: Path
+    best: Path
+    latest: Path
+    history: list[dict] = field(default_factory=list)
+    best_metrics: dict = field(default_factory=dict)
+    trained: bool = True
+    wall_seconds: float = 0.0
+
+
+def _ray_checkpoints(run_dir: Path) -> list[tuple[int, float, Path]]:
+    """(epoch, val_sum, dir) of every complete checkpoint Ray wrote for this run."""
+    found = []
+    for meta in run_dir.glob("checkpoint_*/" + META_FILE):
+        if not (meta.parent / WEIGHTS_FILE).is_file():
+            continue
+        extra = json.loads(meta.read_text()).get("extra", {})
+        found.append((int(extra.get("epoch", 0)), float(extra.get("metrics", {}).get("val_sum", 0.0)), meta.parent))
+    return sorted(found, key=lambda t: (t[0], str(t[2])))
+
+
+def _copy_checkpoint(src: Path, dst: Path) -> Path:
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in (WEIGHTS_FILE, META_FILE):
+        shutil.copy2(src / name, tmp / name)
+    shutil.rmtree(dst, ignore_errors=True)
+    tmp.rename(dst)
+    return dst
+
+
+def _write_history(history: list[dict], run_dir: Path) -> None:
+    (run_dir / "metrics.json").write_text(json.dumps(history, indent=2))
+    keys = list(dict.fromkeys(k for row in history for k in row))
+    with open(run_dir / "metrics.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(history)
+    if history:
+        plot_training_curves(history, run_dir / "training_curves.png", title=run_dir.name)
+
+
+def run_training(cfg: TrainConfig) -> TrainOutcome:
+    """Train (or resume, or reuse) the run ``cfg.run.name``; return its best and latest checkpoints."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from .loop import train_loop_per_worker
+
+    storage = Path(cfg.run.storage_path).expanduser().resolve()
+    run_dir = storage / cfg.run.name
+    t0 = time.time()
+    done = _ray_checkpoints(run_dir)
+    trained = not done or done[-1][0] < cfg.optim.epochs
+    if trained:
+        ensure_ray(num_cpus=max(2, cfg.run.workers), num_gpus=None)
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"train": cfg.model_dump(mode="json")},
+            scaling_config=ScalingConfig(num_workers=cfg.run.workers, use_gpu=cfg.run.use_gpu),
+            run_config=RunConfig(
+                name=cfg.run.name, storage_path=str(storage),
+                failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.num_to_keep,
+                                                   checkpoint_score_attribute="val_sum",
+                                                   checkpoint_score_order="max")))
+        trainer.fit()
+        done = _ray_checkpoints(run_dir)
+    if not done:
+        raise RuntimeError(f"training run {run_dir} produced no checkpoint")
+    latest = done[-1][2]
+    best = max(done, key=lambda t: (t[1], t[0]))[2]
+    history = json.loads((latest / META_FILE).read_text())["extra"].get("history", [])
+    outcome = TrainOutcome(run_dir, _copy_checkpoint(best, run_dir / "best"),
+                           _copy_checkpoint(latest, run_dir / "latest"), history,
+                           json.loads((best / META_FILE).read_text())["extra"].get("metrics", {}), trained,
+                           time.time() - t0)
+    _write_history(history, run_dir)
+    dump_train_config(cfg, run_dir / "train_config.yaml")
+    return outcome

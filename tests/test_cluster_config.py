@@ -1,0 +1,45 @@
+"""cluster.yaml against the autoscaler JSON schema shipped inside the installed ray package."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonschema
+import ray
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SCHEMA = Path(ray.__file__).parent / "autoscaler" / "ray-schema.json"
+
+
+def load_cluster() -> dict:
+    return yaml.safe_load((ROOT / "cluster.yaml").read_text())
+
+
+def test_cluster_yaml_matches_ray_schema():
+    schema = json.loads(SCHEMA.read_text())
+    cfg = load_cluster()
+    jsonschema.validate(cfg, schema)
+    # The schema catches typos (additionalProperties: false); prove it is really enforced here.
+    bad = {**cfg, "setup_comands": []}
+    try:
+        jsonschema.validate(bad, schema)
+    except jsonschema.ValidationError as err:
+        assert "setup_comands" in err.message
+    else:
+        raise AssertionError("schema accepted an unknown top-level key")
+
+
+def test_cluster_topology():
+    cfg = load_cluster()
+    types = cfg["available_node_types"]
+    head = types[cfg["head_node_type"]]
+    assert head["resources"] == {"CPU": 0}  # the head runs no work
+    gpu = [t for name, t in types.items() if name != cfg["head_node_type"]]
+    assert len(gpu) == 1 and gpu[0]["resources"].get("GPU", 0) >= 1
+    assert gpu[0]["min_workers"] == 0 and gpu[0]["max_workers"] == 8 <= cfg["max_workers"]
+    assert cfg["docker"]["image"] == f"rayproject/ray:{ray.__version__}-py311-gpu"
+    assert any("pip install" in c and "dialclip-ray" in c for c in cfg["setup_commands"])
+    # The mounted project path is where setup_commands install from.
+    assert any(dst in cfg["setup_commands"][0] for dst in cfg["file_mounts"])

@@ -1,0 +1,198 @@
+"""The DialCLIP core against the invariants of design.md section 2, on real open_clip modules."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from dialclip_ray.backbone import UnsupportedBackboneError, load_backbone
+from dialclip_ray.batch import QueryBatch, TrainBatch
+from dialclip_ray.checkpoint import BackboneMismatchError, load_checkpoint, read_checkpoint, save_checkpoint
+from dialclip_ray.config import BackboneConfig, preset
+from dialclip_ray.model import build_model
+from dialclip_ray.params import parameter_report
+from dialclip_ray.text import tokenize_dialog, tokenize_texts
+
+MICRO = BackboneConfig(model_name="dialclip-micro")
+
+
+@pytest.fixture(scope="module")
+def micro():
+    torch.manual_seed(0)
+    return load_backbone("dialclip-micro")
+
+
+def make_query(tok, dialogs: list[list[str]], images: list[int], image_size: int = 32, seed: int = 0,
+               current: str = "want to see?") -> QueryBatch:
+    """A query batch from raw dialogs: per-turn tokens, speakers alternating, ``images[i]`` images on dialog i."""
+    b, t, m = len(dialogs), max(1, max(len(d) for d in dialogs)), max(1, max(images))
+    q = QueryBatch(
+        query_tokens=torch.stack([tokenize_dialog(tok, d + [current]) for d in dialogs]),
+        turn_tokens=torch.zeros(b, t, 77, dtype=torch.long), turn_mask=torch.zeros(b, t, dtype=torch.bool),
+        turn_speaker=torch.zeros(b, t, dtype=torch.long), images=torch.zeros(b, m, 3, image_size, image_size),
+        image_mask=torch.zeros(b, m, dtype=torch.bool), image_turn=torch.zeros(b, m, dtype=torch.long),
+        retrieval_type=torch.zeros(b, dtype=torch.long))
+    for i, d in enumerate(dialogs):
+        if d:
+            q.turn_tokens[i, : len(d)] = tokenize_texts(tok, d)
+            q.turn_mask[i, : len(d)] = True
+            q.turn_speaker[i, : len(d)] = torch.arange(len(d)) % 2
+        g = torch.Generator().manual_seed(seed + i)  # dialog i's images depend on (seed + i) only
+        for j in range(images[i]):
+            q.images[i, j] = torch.randn(3, image_size, image_size, generator=g)
+            q.image_mask[i, j] = True
+            q.image_turn[i, j] = max(0, len(d) - 1 - j)
+    return q
+
+
+FILLER = "so anyway how was your weekend it was pretty relaxing we watched a movie and cooked dinner"
+DIALOGS = [
+    ["i went to the beach", "nice", FILLER, "it had a red circle", "cool"],
+    ["hello"],
+    [FILLER, FILLER, "blue squares everywhere", FILLER, FILLER, "sure"],
+]
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 8])
+def test_prompts_off_equals_open_clip(micro, batch_size):
+    model, _ = build_model(preset("default", domain_prompt_length=0, context_prompt_length=0, backbone=MICRO),
+                           backbone=micro)
+    texts = ["a", "a red circle on a blue background", "word " * 90, "two\nlines"] * 2
+    tokens = micro.tokenizer(texts[:batch_size])
+    images = torch.randn(batch_size, 3, 32, 32)
+    with torch.no_grad():
+        assert (model.encode_texts(tokens, normalize=False) - micro.model.encode_text(tokens)).abs().max() < 1e-5
+        assert (model.encode_images(images, normalize=False) - micro.model.encode_image(images)).abs().max() < 1e-5
+        q = make_query(micro.tokenizer, [["x"]] * batch_size, [1] * batch_size)
+        q.query_tokens = tokens
+        assert (model.encode_query(q, normalize=False) - micro.model.encode_text(tokens)).abs().max() < 1e-5
+
+
+def test_vit_b_32_equivalence_with_random_weights():
+    bb = load_backbone("ViT-B-32")
+    model, _ = build_model(preset("default", domain_prompt_length=0, context_prompt_length=0,
+                                  backbone=BackboneConfig(model_name="ViT-B-32")), backbone=bb)
+    tokens = bb.tokenizer(["a photo of a dog", "a dialog about the beach " * 10])
+    images = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert (model.encode_texts(tokens, normalize=False) - bb.model.encode_text(tokens)).abs().max() < 1e-5
+        assert (model.encode_images(images, normalize=False) - bb.model.encode_image(images)).abs().max() < 1e-5
+    assert 0.03 <= parameter_report(build_model(preset("paper-budget", backbone=BackboneConfig(
+        model_name="ViT-B-32")), backbone=bb)[0]).percent <= 0.05
+    assert parameter_report(build_model(preset("default", backbone=BackboneConfig(
+        model_name="ViT-B-32")), backbone=bb)[0]).percent <= 1.0
+
+
+def test_frozen_backbone_bit_identical_and_grads_only_on_added_parts(micro):
+    model, _ = build_model(preset("default", num_experts=3, backbone=MICRO), backbone=copy.deepcopy(micro))
+    before = {k: v.clone() for k, v in model.clip.state_dict().items()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    q = make_query(micro.tokenizer, DIALOGS, [1, 0, 2])
+    q.retrieval_type = torch.tensor([0, 1, 0])
+    batch = TrainBatch(q, "image", target_images=torch.randn(3, 3, 32, 32))
+    for _ in range(3):
+        opt.zero_grad()
+        model(batch)["loss"].backward()
+        for name, p in model.named_parameters():
+            if name.startswith("clip."):
+                assert p.grad is None, name
+        opt.step()
+    for k, v in model.clip.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    added = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert added and all(not n.startswith("clip.") for n in added)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters()
+               if n.startswith("cpg."))
+
+
+def test_query_embedding_is_batch_invariant(micro):
+    model, _ = build_model(preset("default", backbone=MICRO), backbone=micro)
+    for p in model.parameters():  # make every added module non-trivial
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.05)
+    q = make_query(micro.tokenizer, DIALOGS, [2, 0, 1])
+    with torch.no_grad():
+        together = model.encode_query(q)
+        for i in range(len(DIALOGS)):
+            alone = model.encode_query(make_query(micro.tokenizer, [DIALOGS[i]], [[2, 0, 1][i]], seed=i))
+            assert (alone[0] - together[i]).abs().max() < 1e-5
+
+
+def test_early_context_matters_only_with_context_prompts(micro):
+    long_dialog = ["the photo shows a green star"] + [FILLER] * 6 + ["want to see it?"]
+    changed = ["the photo shows a yellow moon"] + long_dialog[1:]
+    tok = micro.tokenizer
+    assert torch.equal(tokenize_dialog(tok, long_dialog + ["x"]), tokenize_dialog(tok, changed + ["x"])), \
+        "the early turn must lie outside the 77-token query window"
+    for lc, should_change in ((8, True), (0, False)):
+        model, _ = build_model(preset("default", context_prompt_length=lc, backbone=MICRO), backbone=micro)
+        with torch.no_grad():
+            a = model.encode_query(make_query(tok, [long_dialog], [0]))
+            b = model.encode_query(make_query(tok, [changed], [0]))
+        assert ((a - b).abs().max() > 1e-4) == should_change
+
+
+def test_overfits_a_small_fixed_batch(micro):
+    torch.manual_seed(0)
+    model, _ = build_model(preset("default", backbone=MICRO), backbone=micro)
+    words = ["apple", "river", "engine", "violin", "desert", "castle"]
+    dialogs = [d + [f"we talked about the {w}"] for d, w in zip(DIALOGS * 2, words)]
+    q = make_query(micro.tokenizer, dialogs, [1, 0, 2] * 2, seed=1)
+    replies = tokenize_texts(micro.tokenizer, [f"a reply about the {w}" for w in words])
+    batch = TrainBatch(q, "text", target_tokens=replies)
+    q.retrieval_type[:] = 1
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    first = None
+    for _ in range(100):
+        opt.zero_grad()
+        loss = model(batch)["loss"]
+        first = first if first is not None else loss.item()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.2 and first > 1.0
+
+
+def test_checkpoint_round_trip_and_backbone_check(micro, tmp_path):
+    model, _ = build_model(preset("default", num_experts=3, backbone=MICRO), backbone=micro)
+    for p in model.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.05)
+    save_checkpoint(model, tmp_path / "ckpt", extra={"epoch": 1})
+    meta, state = read_checkpoint(tmp_path / "ckpt")
+    assert meta["params"]["trainable"] == parameter_report(model).trainable > 0
+    assert all(not k.startswith("clip.") for k in state)
+    loaded, _, _ = load_checkpoint(tmp_path / "ckpt", backbone=micro)
+    q = make_query(micro.tokenizer, DIALOGS, [1, 0, 2])
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model.encode_query(q), loaded.encode_query(q))
+        assert torch.equal(model.encode_images(images), loaded.encode_images(images))
+    other = copy.deepcopy(micro)  # same name, other weights
+    with torch.no_grad():
+        other.model.ln_final.weight.add_(1.0)
+    with pytest.raises(BackboneMismatchError, match="weights"):
+        load_checkpoint(tmp_path / "ckpt", backbone=other)
+    with pytest.raises(BackboneMismatchError, match="dialclip-tiny"):
+        load_checkpoint(tmp_path / "ckpt", backbone=load_backbone("dialclip-tiny"))
+
+
+def test_router_and_prompt_inits(micro):
+    model, _ = build_model(preset("default", num_experts=3, domain_prompt_init="task", backbone=MICRO),
+                           backbone=micro)
+    x = torch.randn(4, micro.model.transformer.width)
+    gates = model.query_experts.gates(x, torch.tensor([0, 1, 0, 1]))
+    assert gates.shape == (4, 3) and torch.allclose(gates.sum(-1), torch.ones(4))
+    hard, _ = build_model(preset("default", num_experts=2, backbone=MICRO), backbone=micro)
+    assert torch.equal(hard.query_experts.gates(x, torch.tensor([0, 1, 1, 0])),
+                       torch.tensor([[1., 0], [0, 1], [0, 1], [1, 0]]))
+    first_word = micro.tokenizer.encode("photo")[0]
+    assert torch.equal(model.text_prompts.prompts[0, 0], micro.model.token_embedding.weight[first_word])
+
+
+def test_unsupported_backbone_is_named():
+    with pytest.raises(UnsupportedBackboneError, match="RN50.*ModifiedResNet"):
+        load_backbone("RN50")
+    with pytest.raises(ValueError, match="insertion_layer=7"):
+        build_model(preset("default", insertion_layer=7, backbone=MICRO))
