@@ -9,7 +9,6 @@ one exists, so several share a card.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +20,13 @@ from .metrics import grouped_metrics
 
 
 class EncoderActor:
-    """Ray Data UDF: ``{"key": [...]} -> {"key": [...], "embedding": [N, D]}`` for one kind of input."""
+    """Ray Data UDF: rows ``{"kind", "key"}`` -> the same rows plus ``embedding``.
 
-    def __init__(self, checkpoint: str, dataset_dir: str, kind: str, split: str | None = None,
-                 threads: int = 1):
+    ``kind`` is ``query`` (an example id), ``image`` (an image id) or ``text`` (a text id), so
+    one actor pool embeds a split's queries and both candidate pools in a single pass.
+    """
+
+    def __init__(self, checkpoint: str, dataset_dir: str, split: str | None = None, threads: int = 1):
         import torch
 
         from .checkpoint import load_checkpoint
@@ -34,70 +36,87 @@ class EncoderActor:
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model, self.backbone, _ = load_checkpoint(checkpoint, device=self.device)
         self.model.eval()
-        self.kind = kind
         self.dataset = CanonicalDataset.load(dataset_dir)
         self.reader = ReaderConfig.from_model_config(self.model.cfg)
         self.load_image = image_loader(self.dataset, self.backbone.preprocess_val)
-        self.records = {r.id: r for r in self.dataset.examples(split)} if kind == "query" and split else {}
+        self.records = {r.id: r for r in self.dataset.examples(split)} if split else {}
 
-    def __call__(self, batch: dict) -> dict:
+    def _embed(self, kind: str, keys: list[str]) -> np.ndarray:
         from .evaluation import embed_images, embed_queries, embed_texts
 
+        if kind == "query":
+            return embed_queries(self.model, [self.records[k] for k in keys], self.backbone.tokenizer,
+                                 self.load_image, self.reader, len(keys), self.device)
+        if kind == "image":
+            return embed_images(self.model, keys, self.load_image, len(keys), self.device)
+        return embed_texts(self.model, [self.dataset.text(k) for k in keys], self.backbone.tokenizer,
+                           self.reader.context_length, len(keys), self.device)
+
+    def __call__(self, batch: dict) -> dict:
+        kinds = [str(k) for k in batch["kind"]]
         keys = [str(k) for k in batch["key"]]
-        if self.kind == "query":
-            emb = embed_queries(self.model, [self.records[k] for k in keys], self.backbone.tokenizer,
-                                self.load_image, self.reader, len(keys), self.device)
-        elif self.kind == "image":
-            emb = embed_images(self.model, keys, self.load_image, len(keys), self.device)
-        else:
-            emb = embed_texts(self.model, [self.dataset.text(k) for k in keys], self.backbone.tokenizer,
-                              self.reader.context_length, len(keys), self.device)
-        return {"key": np.asarray(keys, dtype=object), "embedding": emb.astype(np.float32)}
+        out: list[np.ndarray | None] = [None] * len(keys)
+        for kind in dict.fromkeys(kinds):
+            rows = [i for i, k in enumerate(kinds) if k == kind]
+            for i, e in zip(rows, self._embed(kind, [keys[i] for i in rows])):
+                out[i] = e
+        return {"kind": np.asarray(kinds, dtype=object), "key": np.asarray(keys, dtype=object),
+                "embedding": np.stack(out).astype(np.float32)}
 
 
-def embed_with_ray(checkpoint: str, dataset_dir: str, kind: str, keys: list[str], split: str | None = None,
-                   actors: int = 2, batch_size: int = 64, gpu_fraction: float | None = None) -> np.ndarray:
-    """Embeddings of ``keys`` (in order) computed by a pool of ``actors`` encoder actors."""
+def embed_many_with_ray(checkpoint: str, dataset_dir: str, items: list[tuple[str, str]], split: str | None = None,
+                        actors: int = 2, batch_size: int = 64,
+                        gpu_fraction: float | None = None) -> dict[tuple[str, str], np.ndarray]:
+    """Embeddings of ``(kind, key)`` items computed by a pool of ``actors`` encoder actors."""
     import ray
     import ray.data
     from ray.data import ActorPoolStrategy
 
-    if not keys:
-        return np.zeros((0, 0), np.float32)
+    if not items:
+        return {}
     if gpu_fraction is None:
         gpu_fraction = 1.0 / actors if ray.cluster_resources().get("GPU", 0) else 0.0
-    ds = ray.data.from_items([{"key": k} for k in keys])
+    ds = ray.data.from_items([{"kind": kind, "key": key} for kind, key in items])
     out = ds.map_batches(
         EncoderActor, fn_constructor_kwargs=dict(checkpoint=str(checkpoint), dataset_dir=str(dataset_dir),
-                                                 kind=kind, split=split),
+                                                 split=split),
         compute=ActorPoolStrategy(size=actors), batch_size=batch_size,
         num_cpus=0.5 if not gpu_fraction else 0.25, num_gpus=gpu_fraction or None)
-    rows = {}
+    found = {}
     for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
-        for k, e in zip(batch["key"], batch["embedding"]):
-            rows[str(k)] = e
-    return np.stack([rows[k] for k in keys])
+        for kind, key, e in zip(batch["kind"], batch["key"], batch["embedding"]):
+            found[(str(kind), str(key))] = e
+    return found
+
+
+def embed_with_ray(checkpoint: str, dataset_dir: str, kind: str, keys: list[str], split: str | None = None,
+                   actors: int = 2, batch_size: int = 64, gpu_fraction: float | None = None) -> np.ndarray:
+    """Embeddings of ``keys`` of one kind, in order."""
+    if not keys:
+        return np.zeros((0, 0), np.float32)
+    found = embed_many_with_ray(checkpoint, dataset_dir, [(kind, k) for k in keys], split, actors, batch_size,
+                                gpu_fraction)
+    return np.stack([found[(kind, k)] for k in keys])
 
 
 def evaluate_with_ray(checkpoint: str | Path, dataset_dir: str | Path, split: str, actors: int = 2,
                       batch_size: int = 64, max_examples: int | None = None) -> dict:
-    """The metrics of ``evaluation.evaluate_model``, with the embedding done by Ray Data actors."""
+    """The metrics of ``evaluation.evaluate_model``, with all embedding done in one Ray Data pass."""
     checkpoint, dataset_dir = str(Path(checkpoint).resolve()), str(Path(dataset_dir).resolve())
     dataset = CanonicalDataset.load(dataset_dir)
-    per_type = {}
+    plan = {}
     for target_type in TARGET_TYPES:
         records = dataset.examples(split, target_type)[:max_examples]
-        if not records:
-            continue
-        queries = embed_with_ray(checkpoint, dataset_dir, "query", [r.id for r in records], split, actors,
-                                 batch_size)
-        pool_ids = candidate_pool(dataset, records, split, target_type)
-        pool = embed_with_ray(checkpoint, dataset_dir, target_type, pool_ids, None, actors, batch_size)
+        if records:
+            plan[target_type] = (records, candidate_pool(dataset, records, split, target_type))
+    items = [("query", r.id) for records, _ in plan.values() for r in records]
+    items += list(dict.fromkeys((t, c) for t, (_, pool) in plan.items() for c in pool))
+    found = embed_many_with_ray(checkpoint, dataset_dir, items, split, actors, batch_size)
+    per_type = {}
+    for target_type, (records, pool_ids) in plan.items():
+        queries = np.stack([found[("query", r.id)] for r in records])
+        pool = np.stack([found[(target_type, c)] for c in pool_ids])
         ranks = ranks_for(queries, records, pool_ids, pool)
         name = RETRIEVAL_TYPES[TARGET_TYPES.index(target_type)]
         per_type.update(grouped_metrics(ranks, [name] * len(ranks)))
     return summarise(per_type)
-
-
-def default_actors() -> int:
-    return max(1, min(4, (os.cpu_count() or 2) // 1))

@@ -20,5 +20,6 @@ def ensure_ray(num_cpus: int = 2, num_gpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address="auto", logging_config=quiet)
     else:
-        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, logging_config=quiet,
+        # The dashboard hosts the State API that Ray Train V2 uses to clean up placement groups.
+        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=True, logging_config=quiet,
                  runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}})

@@ -27,6 +27,7 @@ import torch
 
 from dialclip_ray.pretrain.config import PretrainConfig
 from dialclip_ray.pretrain.data import corpus_fingerprint, held_out_pairs, read_captions
+from dialclip_ray.ray_utils import ensure_ray
 
 MODEL_FILE = "open_clip_model.pt"
 META_FILE = "pretrain_meta.json"
@@ -49,22 +50,6 @@ def cache_key(config: PretrainConfig, fingerprint: str) -> str:
     settings = config.model_dump(mode="json", exclude=KEY_EXCLUDE)
     payload = json.dumps({"config": settings, "seed": config.seed, "corpus": fingerprint}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-
-def ensure_ray(num_cpus: int = 2) -> None:
-    """Join the cluster named by RAY_ADDRESS (``ray job submit``), else start a small local one."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    # Without a dashboard the Train V2 placement-group cleaner warns every few seconds that the
-    # state API is unavailable; keep worker logging at ERROR so the progress bar stays readable.
-    quiet = ray.LoggingConfig(encoding="TEXT", log_level="ERROR")
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address="auto", logging_config=quiet)
-    else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_config=quiet)
 
 
 def _train(config: PretrainConfig, root: Path, storage: Path, run_name: str, fresh: bool) -> tuple[dict, dict]:

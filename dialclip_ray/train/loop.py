@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -161,7 +162,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         train_s = time.time() - t0
         metrics = {"epoch": epoch + 1 if cfg.optim.epochs else 0, "step": step,
                    "train_loss": sum(losses) / len(losses) if losses else float("nan"), "epoch_seconds": train_s,
-                   "trainable_params": report_params["trainable"], "trainable_percent": report_params["percent"]}
+                   "trainable_params": report_params["trainable"], "trainable_percent": report_params["percent"],
+                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                   "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else 0.0}
         if rank == 0:
             metrics.update(validate(model, backbone, cfg, reader, device))
         metrics = _broadcast(metrics, world)

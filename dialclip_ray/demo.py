@@ -1,0 +1,171 @@
+"""``dialclip demo``: the whole pipeline on the built-in synthetic data, in one command.
+
+corpus -> small CLIP pretrained here -> DialCLIP prompt tuning (Ray Train, 2
+workers) and full fine-tuning -> Ray Data evaluation against zero-shot CLIP
+and full fine-tuning -> sharded FAISS index -> Ray Serve app on 127.0.0.1 ->
+real HTTP queries -> report. Every expensive step is cached under
+``runs/cache`` (keyed by its settings), so a rerun only evaluates, indexes and
+serves again.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class DemoConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    dialogs: int = Field(1500, ge=20)
+    seed: int = 0
+    image_size: int = 64
+    model_name: str = "dialclip-tiny"
+    pretrain_epochs: int = Field(6, ge=1)
+    epochs: int = Field(3, ge=1)
+    workers: int = Field(2, ge=1)
+    max_train_examples: int | None = None
+    max_val_examples: int | None = 200
+    shards: int = Field(2, ge=1)
+    queries: int = Field(4, ge=1)
+    actors: int = Field(2, ge=1)
+    port: int = 8000
+    out: str = "runs/demo"
+    cache: str = "runs/cache"
+    keep_serving: bool = False
+
+
+TINY = dict(dialogs=40, image_size=32, model_name="dialclip-micro", pretrain_epochs=1, epochs=1,
+            max_train_examples=24, max_val_examples=12, queries=2, shards=2)
+
+
+class Stage:
+    """Prints numbered stage headers with their durations, so progress is visible."""
+
+    def __init__(self, total: int):
+        self.total, self.n, self.t0, self.times = total, 0, None, {}
+        self.name = None
+
+    def __call__(self, name: str) -> None:
+        self._close()
+        self.n += 1
+        self.name, self.t0 = name, time.time()
+        print(f"\n=== [{self.n}/{self.total}] {name}", flush=True)
+
+    def _close(self) -> None:
+        if self.name:
+            self.times[self.name] = time.time() - self.t0
+            print(f"    done in {self.times[self.name]:.1f}s", flush=True)
+
+    def finish(self) -> dict:
+        self._close()
+        self.name = None
+        return self.times
+
+
+def run_demo(cfg: DemoConfig) -> dict:
+    """Run every stage; returns a summary (also written as ``report.json`` next to ``report.md``)."""
+    import ray
+    from ray import serve
+
+    from .checkpoint import save_checkpoint
+    from .config import BackboneConfig
+    from .evaluate_job import evaluate_checkpoints
+    from .experiments import ensure_corpus, ensure_small_clip, variant_config
+    from .index_job import build_index
+    from .model import build_model
+    from .ray_utils import ensure_ray
+    from .serving.app import build_app
+    from .train.run import run_training
+    from .demo_report import ask_queries, write_report
+
+    t_start = time.time()
+    out = Path(cfg.out) / datetime.now().strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    cache = Path(cfg.cache)
+    stage = Stage(8)
+    ensure_ray(num_cpus=4)
+    try:
+        stage("synthetic corpus in the PhotoChat and MMDialog formats (generate + prepare)")
+        corpus = ensure_corpus(cache, cfg.dialogs, cfg.seed, cfg.image_size)
+
+        stage(f"small CLIP ({cfg.model_name}) pretrained here on the synthetic captions (Ray Train)")
+        clip = ensure_small_clip(corpus, cache, cfg.model_name, cfg.pretrain_epochs, workers=cfg.workers)
+        print(f"    {'reused' if clip.cached else 'trained'} {clip.path}: {clip.meta.get('metrics', {})}")
+        backbone = BackboneConfig(model_name=cfg.model_name, pretrained=str(clip.path))
+
+        runs = cache / "demo_runs"
+        checkpoints, histories = {}, {}
+        for variant in ("dialclip", "finetune"):
+            stage(f"{'DialCLIP prompt tuning' if variant == 'dialclip' else 'full fine-tuning baseline'} "
+                  f"(Ray Train, {cfg.workers} workers)")
+            tcfg = variant_config(variant, corpus, backbone, runs, cfg.epochs, cfg.workers, cfg.seed,
+                                  max_train_examples=cfg.max_train_examples, max_val_examples=cfg.max_val_examples)
+            outcome = run_training(tcfg)
+            checkpoints[variant], histories[variant] = str(outcome.best), outcome.history
+            print(f"    {'trained' if outcome.trained else 'reused'} {outcome.run_dir}")
+        zs_dir = runs / "zeroshot" / f"{Path(clip.path).parent.name}-{cfg.model_name}"
+        if not (zs_dir / "dialclip.pt").is_file():
+            model, _ = build_model(variant_config("zeroshot", corpus, backbone, runs, 0).model)
+            save_checkpoint(model, zs_dir)
+        checkpoints = {"DialCLIP": checkpoints["dialclip"], "zero-shot CLIP": str(zs_dir),
+                       "full fine-tune": checkpoints["finetune"]}
+
+        stage("evaluation on the test splits (Ray Data actor pool)")
+        evaluation = {}
+        for name, data in (("photochat", corpus.photochat), ("mmdialog", corpus.mmdialog)):
+            evaluation[name] = evaluate_checkpoints(checkpoints, str(data), "test", str(out / f"eval_{name}"),
+                                                    distributed=True, actors=cfg.actors)
+            print(evaluation[name]["table"])
+
+        stage(f"sharded FAISS index of every candidate ({cfg.shards} shards)")
+        index_dir = out / "index"
+        build_index(checkpoints["DialCLIP"], [corpus.photochat, corpus.mmdialog], index_dir, shards=cfg.shards,
+                    kind="flat", actors=cfg.actors)
+
+        stage(f"Ray Serve app on http://127.0.0.1:{cfg.port} and real HTTP queries")
+        app = build_app({"checkpoint": checkpoints["DialCLIP"], "index_dir": str(index_dir), "top_k": 5})
+        serve.start(http_options={"host": "127.0.0.1", "port": cfg.port})
+        serve.run(app, name="dialclip-demo", route_prefix="/")
+        url = f"http://127.0.0.1:{cfg.port}"
+        answers = ask_queries(url, corpus, cfg.queries)
+
+        stage("report")
+        times = stage.finish()
+        summary = {"config": cfg.model_dump(), "checkpoints": checkpoints, "url": url, "stage_seconds": times,
+                   "total_seconds": time.time() - t_start, "pretrained_clip": clip.meta.get("metrics", {}),
+                   "evaluation": {k: v["results"] for k, v in evaluation.items()}}
+        report = write_report(out, summary, evaluation, histories, answers, corpus)
+        (out / "report.json").write_text(json.dumps({**summary, "answers": answers}, indent=2, default=str))
+        print(f"\nreport: {report}\ntotal: {summary['total_seconds']:.0f}s")
+        if cfg.keep_serving:
+            print(f"\nThe endpoint stays up at {url} (docs: {url}/docs). Query it with\n"
+                  f"  dialclip query --url {url} --dialog DIALOG.json\n"
+                  f"Stop it with Ctrl-C here (or `serve shutdown` from another shell).")
+            _wait_forever()
+        return {**summary, "report": str(report), "answers": answers, "out": str(out)}
+    finally:
+        stage.finish()
+        if ray.is_initialized():
+            try:
+                serve.shutdown()
+            finally:
+                ray.shutdown()
+
+
+def _wait_forever() -> None:
+    import signal
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("stopping ...")

@@ -1,0 +1,1 @@
+"""Hyperparameter sweeps of DialCLIP with Ray Tune (ASHA early stopping on validation Sum)."""

@@ -1,0 +1,94 @@
+"""Sweep outputs: a table of every trial, the best config as a training file, sensitivity plots.
+
+The plots follow the paper's sensitivity studies: validation Sum against the
+context-prompt length, the insertion layer, the expert count and the domain-prompt
+length (each trial a dot, the mean per value a line).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+from ..train.config import TrainConfig, dump_train_config
+from .space import SweepSpec, apply_params
+
+PLOTTED = (("context_prompt_length", "context prompts Lc"), ("insertion_layer", "insertion layer Lins"),
+           ("num_experts", "experts K"), ("domain_prompt_length", "domain prompts Ld"))
+
+
+def trial_table(results, spec: SweepSpec) -> list[dict]:
+    rows = []
+    for result in results:
+        history = result.metrics_dataframe
+        best = float(history["val_sum"].max()) if history is not None and "val_sum" in history else float("nan")
+        rows.append({"trial_id": (result.metrics or {}).get("trial_id", Path(result.path).name),
+                     **{k: result.config.get(k) for k in spec.params},
+                     "best_val_sum": best, "epochs_run": int(len(history)) if history is not None else 0,
+                     "stopped_early": bool(history is not None and len(history) < spec.epochs),
+                     "error": bool(result.error)})
+    return sorted(rows, key=lambda r: -r["best_val_sum"] if not math.isnan(r["best_val_sum"]) else math.inf)
+
+
+def write_table(rows: list[dict], sweep_dir: Path) -> None:
+    if not rows:
+        return
+    keys = list(rows[0])
+    with open(sweep_dir / "trials.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in rows]
+    (sweep_dir / "trials.md").write_text("\n".join(lines) + "\n")
+
+
+def plot_sensitivity(rows: list[dict], base: TrainConfig, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 4, figsize=(14, 3.4), sharey=True)
+    base_model = base.model.model_dump()
+    for ax, (key, label) in zip(axes, PLOTTED):
+        pts = [(r.get(key, base_model[key]) if key in r else base_model[key], r["best_val_sum"]) for r in rows
+               if not math.isnan(r["best_val_sum"])]
+        if pts:
+            xs, ys = zip(*pts)
+            ax.scatter(xs, ys, alpha=0.6)
+            means = {x: sum(y for xx, y in pts if xx == x) / sum(1 for xx, _ in pts if xx == x) for x in set(xs)}
+            order = sorted(means)
+            ax.plot(order, [means[x] for x in order], "-", color="tab:red", label="mean")
+        ax.set(xlabel=label, title=f"Sum vs {label.split()[-1]}")
+    axes[0].set_ylabel("best validation Sum")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write_outputs(results, spec: SweepSpec, base: TrainConfig, sweep_dir: Path, restored: bool):
+    from .sweep import SweepOutcome
+
+    rows = trial_table(results, spec)
+    write_table(rows, sweep_dir)
+    plot_sensitivity(rows, base, sweep_dir / "sensitivity.png")
+    best = rows[0]
+    best_params = {k: best[k] for k in spec.params}
+    best_cfg = apply_params(base, best_params)
+    best_cfg.optim.epochs = spec.epochs
+    best_cfg.run.name = f"{sweep_dir.name}-best"
+    best_path = dump_train_config(best_cfg, sweep_dir / "best_config.yaml")
+    base_model = base.model_dump(mode="json")
+    default = [r for r in rows if all(r[k] == base_model["model"].get(k, base_model["optim"].get(k))
+                                      for k in spec.params)]
+    outcome = SweepOutcome(sweep_dir, rows, best_params, best["best_val_sum"],
+                           default[0]["best_val_sum"] if default else None, best_path, restored)
+    (sweep_dir / "summary.json").write_text(json.dumps(
+        {"best_params": best_params, "best_val_sum": outcome.best_val_sum, "default_val_sum": outcome.default_val_sum,
+         "trials": len(rows), "stopped_early": sum(r["stopped_early"] for r in rows)}, indent=2))
+    return outcome
