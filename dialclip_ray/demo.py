@@ -88,6 +88,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     cache = Path(cfg.cache)
     stage = Stage(8)
+    owns_ray = not ray.is_initialized()
     ensure_ray(num_cpus=4)
     try:
         stage("synthetic corpus in the PhotoChat and MMDialog formats (generate + prepare)")
@@ -152,9 +153,10 @@ def run_demo(cfg: DemoConfig) -> dict:
         stage.finish()
         if ray.is_initialized():
             try:
-                serve.shutdown()
+                serve.delete("dialclip-demo") if owns_ray is False else serve.shutdown()
             finally:
-                ray.shutdown()
+                if owns_ray:
+                    ray.shutdown()
 
 
 def _wait_forever() -> None:

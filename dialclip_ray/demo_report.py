@@ -114,7 +114,8 @@ def write_report(out: Path, summary: dict, evaluation: dict, histories: dict, an
     lines = ["# dialclip-ray demo report", "",
              f"Synthetic corpus: {summary['config']['dialogs']} dialogs; backbone "
              f"{summary['config']['model_name']} pretrained here "
-             f"(held-out caption->image R@1 {summary['pretrained_clip'].get('caption_to_image', {}).get('R@1', 'n/a')}).",
+             f"(held-out caption->image R@1 {summary['pretrained_clip'].get('caption_to_image_R@1', float('nan')):.1f}% "
+             f"of {summary['pretrained_clip'].get('pool_size', '?')} images).",
              "", "## Test metrics (Ray Data evaluation)", ""]
     for name, ev in evaluation.items():
         lines += [f"### {name}", "", ev["table"], ""]

@@ -1,0 +1,49 @@
+"""End to end: `dialclip demo --tiny` in its own process; report, plots and HTTP answers exist; nothing left running."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def ray_processes() -> set[int]:
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return {int(line.split()[0]) for line in out.splitlines()[1:]
+            if any(k in line for k in ("raylet", "gcs_server", "ray::", "dashboard.py"))}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_tiny_demo_end_to_end(tmp_path):
+    before = ray_processes()
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": ""}
+    env.pop("RAY_ADDRESS")
+    proc = subprocess.run([sys.executable, "-m", "dialclip_ray.cli", "demo", "--tiny", "--out", str(tmp_path / "out"),
+                           "--cache", str(tmp_path / "cache"), "--port", str(free_port())],
+                          capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for n in range(1, 9):
+        assert f"[{n}/8]" in proc.stdout
+    (run,) = list((tmp_path / "out").iterdir())
+    report = (run / "report.md").read_text()
+    assert "## Test metrics" in report and "DialCLIP (dialog_to_image)" in report and "zero-shot CLIP" in report
+    for png in ("training_curves.png", "contact_sheet.png"):
+        assert (run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads((run / "report.json").read_text())
+    assert len(summary["answers"]) == 3  # 2 photo queries + 1 reply query, answered over HTTP
+    for answer in summary["answers"]:
+        assert len(answer["hits"]) == 5 and all({"id", "score", "rank", "metadata"} <= set(h) for h in answer["hits"])
+    assert (run / "index" / "index.json").is_file()
+    leftover = ray_processes() - before
+    assert not leftover, f"Ray processes left behind: {leftover}"
