@@ -102,7 +102,7 @@ class DialCLIP(nn.Module):
         The backbone is frozen, so a turn's embedding never changes: they are memoised
         (bounded) across batches and epochs, which removes most of the CPG's cost.
         """
-        cache = self._turn_cache if self.frozen_backbone else None
+        cache = self._turn_cache if self.frozen_backbone and self.turn_cache_size else None
         keys = [row.tobytes() for row in tokens.cpu().numpy()]
         todo = list(dict.fromkeys(k for k in keys if cache is None or k not in cache))
         fresh = {}

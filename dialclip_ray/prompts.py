@@ -37,7 +37,7 @@ class DomainPrompts(nn.Module):
 
 def _text_rows(clip: nn.Module, how: str, depth: int, length: int, gen: torch.Generator,
                tokenizer: Any | None, task_words: Sequence[str]) -> torch.Tensor:
-    table = clip.token_embedding.weight.detach()
+    table = clip.token_embedding.weight.detach().float().cpu()
     if how == "pretrain":
         ids = torch.randint(0, table.shape[0] - 2, (depth, length), generator=gen)  # skip SOT/EOT at the end
         return table[ids]
@@ -66,4 +66,4 @@ def make_vision_prompts(visual: nn.Module, how: str, depth: int, length: int, se
     noise = torch.randn(depth, length, width, generator=gen) * 0.02
     if how == "random":
         return DomainPrompts(noise)
-    return DomainPrompts(visual.class_embedding.detach().float().view(1, 1, -1) + noise)
+    return DomainPrompts(visual.class_embedding.detach().float().cpu().view(1, 1, -1) + noise)
