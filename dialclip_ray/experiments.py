@@ -36,7 +36,7 @@ def ensure_corpus(cache: Path, dialogs: int, seed: int = 0, image_size: int = 64
     from .data.schema import is_dataset_dir
     from .data.synthetic import generate
 
-    root = Path(cache) / f"synth-{dialogs}-s{seed}-{image_size}px"
+    root = Path(cache).resolve() / f"synth-{dialogs}-s{seed}-{image_size}px"
     corpus = Corpus(root / "raw", root / "photochat", root / "mmdialog")
     if not (corpus.raw / "synth_meta.json").is_file():
         generate(corpus.raw, dialogs=dialogs, seed=seed, image_size=image_size, overwrite=True)
@@ -54,7 +54,7 @@ def ensure_small_clip(corpus: Corpus, cache: Path, model_name: str = "dialclip-t
 
     cfg = PretrainConfig(model_name=model_name, epochs=epochs, workers=workers, lr=lr, batch_size=batch_size,
                          use_gpu=use_gpu)
-    return run_pretrain(cfg, corpus.raw, Path(cache) / "small_clip")
+    return run_pretrain(cfg, corpus.raw, Path(cache).resolve() / "small_clip")
 
 
 def variant_config(variant: str, corpus: Corpus, backbone: BackboneConfig, storage: Path, epochs: int,

@@ -56,3 +56,11 @@ def test_sweep_asha_best_config_and_resume(ray_cluster, space_file):
     assert again.restored
     assert [r["epochs_run"] for r in again.table] == [r["epochs_run"] for r in first.table]
     assert sorted(p.name for p in (first.sweep_dir / "trials").glob("*/checkpoint_*")) == checkpoints
+
+
+@pytest.mark.parametrize("space", ["tune/synthetic.yaml", "tune/paper.yaml"])
+def test_shipped_search_spaces_validate(space):
+    from pathlib import Path
+
+    spec, base = load_space(Path(__file__).parent.parent / space)
+    assert spec.params and base.model.variant == "dialclip"

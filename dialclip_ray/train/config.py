@@ -81,6 +81,15 @@ class TrainConfig(BaseModel):
         return self
 
 
+def resolve_paths(cfg: TrainConfig) -> TrainConfig:
+    """Absolute data and local-backbone paths: Ray workers do not share the driver's working directory."""
+    cfg.data.train = [str(Path(p).expanduser().resolve()) for p in cfg.data.train]
+    pretrained = cfg.model.backbone.pretrained
+    if pretrained and Path(pretrained).expanduser().exists():
+        cfg.model.backbone.pretrained = str(Path(pretrained).expanduser().resolve())
+    return cfg
+
+
 class ConfigError(ValueError):
     pass
 

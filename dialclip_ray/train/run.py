@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..checkpoint import META_FILE, WEIGHTS_FILE
 from ..ray_utils import ensure_ray
-from .config import TrainConfig, dump_train_config
+from .config import TrainConfig, dump_train_config, resolve_paths
 from .plots import plot_training_curves
 
 
@@ -74,6 +74,7 @@ def run_training(cfg: TrainConfig) -> TrainOutcome:
 
     from .loop import train_loop_per_worker
 
+    cfg = resolve_paths(cfg.model_copy(deep=True))
     storage = Path(cfg.run.storage_path).expanduser().resolve()
     run_dir = storage / cfg.run.name
     t0 = time.time()

@@ -76,7 +76,10 @@ def run_sweep(space_path: str | Path, name: str, storage: str | Path = "runs/tun
     from .report import write_outputs
     from .space import load_space
 
+    from ..train.config import resolve_paths
+
     spec, base = load_space(space_path)
+    base = resolve_paths(base)
     storage = Path(storage).expanduser().resolve()
     sweep_dir = storage / name
     ensure_ray(num_cpus=4)
