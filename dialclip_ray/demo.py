@@ -11,6 +11,7 @@ serves again.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from datetime import datetime
 from pathlib import Path
@@ -26,7 +27,7 @@ class DemoConfig(BaseModel):
     image_size: int = 64
     model_name: str = "dialclip-tiny"
     pretrain_epochs: int = Field(6, ge=1)
-    epochs: int = Field(3, ge=1)
+    epochs: int = Field(2, ge=1)
     workers: int = Field(2, ge=1)
     max_train_examples: int | None = None
     max_val_examples: int | None = 200
@@ -83,6 +84,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     from .train.run import run_training
     from .demo_report import ask_queries, write_report
 
+    for noisy in ("ray.data", "ray.serve", "ray.train"):  # stage headers and our own output carry the progress
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     t_start = time.time()
     out = Path(cfg.out) / datetime.now().strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
@@ -153,7 +156,10 @@ def run_demo(cfg: DemoConfig) -> dict:
         stage.finish()
         if ray.is_initialized():
             try:
-                serve.delete("dialclip-demo") if owns_ray is False else serve.shutdown()
+                if owns_ray:
+                    serve.shutdown()
+                else:
+                    serve.delete("dialclip-demo")
             finally:
                 if owns_ray:
                     ray.shutdown()
