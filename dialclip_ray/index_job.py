@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 import tempfile
-import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -30,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .atomic import replace_dir
 from .data.schema import read_meta
 from .index.manifest import IndexManifest, atomic_write_text
 
@@ -235,13 +235,7 @@ def write_index(out: str | os.PathLike, modalities: dict[str, tuple[Sequence[str
                 "corpora": list(corpora), "kind": kind, "params": dict(params or {}), "modalities": summary,
                 "created": datetime.now(timezone.utc).isoformat()}
         atomic_write_text(tmp / INFO_FILE, json.dumps(info, indent=2))  # last: its presence = complete
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -9,34 +9,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 
-from dialclip_ray.backbone import load_backbone
-from dialclip_ray.checkpoint import load_checkpoint, save_checkpoint
+from dialclip_ray.checkpoint import load_checkpoint
 from dialclip_ray.cli import main
-from dialclip_ray.config import BackboneConfig, preset
 from dialclip_ray.data.dataset import CanonicalDataset, image_loader
 from dialclip_ray.evaluation import embed_images, embed_texts
 from dialclip_ray.index import IndexManifest
 from dialclip_ray.index_job import INFO_FILE, IndexLayout, checkpoint_identity, file_sha256, write_index
-from dialclip_ray.model import build_model
 
+
+from checkpoint_support import make_checkpoint  # noqa: E402
 
 pytestmark = pytest.mark.slow
-
-
-def make_checkpoint(directory, seed: int = 0):
-    """A dialclip-micro checkpoint whose backbone weights live in a file, so every process loads the same ones."""
-    directory.mkdir(parents=True, exist_ok=True)
-    weights = directory / "micro-backbone.pt"
-    if not weights.exists():
-        torch.manual_seed(0)
-        torch.save(load_backbone("dialclip-micro").model.state_dict(), weights)
-    backbone = load_backbone("dialclip-micro", str(weights))
-    cfg = preset("default", backbone=BackboneConfig(model_name="dialclip-micro", pretrained=str(weights)),
-                 context_prompt_length=4, cpg_dim=32, cpg_heads=2)
-    model, _ = build_model(cfg, backbone, seed=seed)
-    return save_checkpoint(model, directory / f"ckpt-{seed}")
 
 
 @pytest.fixture(scope="module")

@@ -13,39 +13,23 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 import yaml
 from PIL import Image
 
-from dialclip_ray.backbone import load_backbone
-from dialclip_ray.checkpoint import load_checkpoint, save_checkpoint
-from dialclip_ray.config import BackboneConfig, preset
+from dialclip_ray.checkpoint import load_checkpoint
 from dialclip_ray.data.dataset import CanonicalDataset, image_loader
 from dialclip_ray.data.schema import read_meta
 from dialclip_ray.evaluation import embed_images, embed_texts
 from dialclip_ray.index import ShardedIndex
 from dialclip_ray.index_job import IndexMismatchError, checkpoint_identity, write_index
-from dialclip_ray.model import build_model
 from dialclip_ray.serving.app import build_app
 from dialclip_ray.serving.dialogs import DialogEncoder
 from dialclip_ray.serving.schemas import RetrieveRequest
 
+from checkpoint_support import make_checkpoint  # noqa: E402
+
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def make_checkpoint(directory: Path, seed: int = 0) -> Path:
-    """A dialclip-micro checkpoint whose backbone weights live in a file, so every replica loads the same ones."""
-    directory.mkdir(parents=True, exist_ok=True)
-    weights = directory / "micro-backbone.pt"
-    if not weights.exists():
-        torch.manual_seed(0)
-        torch.save(load_backbone("dialclip-micro").model.state_dict(), weights)
-    backbone = load_backbone("dialclip-micro", str(weights))
-    cfg = preset("default", backbone=BackboneConfig(model_name="dialclip-micro", pretrained=str(weights)),
-                 context_prompt_length=4, cpg_dim=32, cpg_heads=2)
-    model, _ = build_model(cfg, backbone, seed=seed)
-    return save_checkpoint(model, directory / f"ckpt-{seed}")
 
 
 def free_port() -> int:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+from dialclip_ray.atomic import replace_dir
 from dialclip_ray.index.factory import add_vectors, resolve_use_gpu, set_search_params, to_gpu, train_template
 from dialclip_ray.index.manifest import IndexManifest, IndexManifestError, ShardEntry
 
@@ -129,13 +129,7 @@ def build_sharded_index(
         manifest = IndexManifest(dim=dim, kind=kind, params=dict(params or {}), shards=entries,
                                  total_count=n, identity=dict(identity or {}))
         manifest.save(tmp)  # last file written inside the temp dir
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

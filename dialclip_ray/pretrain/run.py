@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -27,6 +26,7 @@ import torch
 
 from dialclip_ray.pretrain.config import PretrainConfig
 from dialclip_ray.pretrain.data import corpus_fingerprint, held_out_pairs, read_captions
+from dialclip_ray.atomic import replace_dir
 from dialclip_ray.ray_utils import ensure_ray
 
 MODEL_FILE = "open_clip_model.pt"
@@ -148,13 +148,7 @@ def run_pretrain(config: PretrainConfig, corpus_root: str | Path, cache_dir: str
                 "steps": log["epochs"][-1]["step"] if log["epochs"] else 0,
                 "metrics": metrics, "files": {"model": MODEL_FILE, "curve": CURVE_FILE}}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
-        if final.exists():  # --force: swap the old artifact out, then drop it
-            old = Path(tempfile.mkdtemp(prefix=f".{key}.old.", dir=cache))
-            os.replace(final, old / key)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        replace_dir(tmp, final)  # --force/overwrite: the old one is swapped aside, then dropped
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
