@@ -63,7 +63,8 @@ def _search_alg(spec: SweepSpec, default_point: dict):
     if spec.search == "random":
         from ray.tune.search import BasicVariantGenerator
 
-        return BasicVariantGenerator(points_to_evaluate=[default_point], random_state=0)
+        return BasicVariantGenerator(points_to_evaluate=[default_point], random_state=0,
+                                     max_concurrent=spec.max_concurrent)
     return None
 
 
