@@ -114,8 +114,8 @@ def served(ray_cluster, artifacts):
     serve.run(build_app({"checkpoint": str(artifacts["ckpt"]), "index_dir": str(artifacts["index"][3])}),
               name="s3", route_prefix="/s3")
     deadline = time.time() + 90
-    while serve.status().applications["yaml"].status != "RUNNING":
-        assert serve.status().applications["yaml"].status in ("NOT_STARTED", "DEPLOYING"), serve.status()
+    while (status := serve.status().applications["yaml"].status) != "RUNNING":  # read once: no race
+        assert status in ("NOT_STARTED", "DEPLOYING"), serve.status()
         assert time.time() < deadline, "YAML app did not start"
         time.sleep(0.5)
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
