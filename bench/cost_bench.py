@@ -24,10 +24,10 @@ RESULTS = Path(__file__).parent / "results"
 
 def step_cost(variant: str, backbone: str, batch: int, steps: int) -> dict:
     """Run in a child process: time `steps` optimisation steps, report peak RSS."""
-    from dialclip_ray.backbone import load_backbone
-    from dialclip_ray.config import BackboneConfig, preset
-    from dialclip_ray.costs import synthetic_batch, time_steps
-    from dialclip_ray.model import build_model
+    from dialclip_ray.model.backbone import load_backbone
+    from dialclip_ray.model.config import BackboneConfig, preset
+    from dialclip_ray.pipelines.costs import synthetic_batch, time_steps
+    from dialclip_ray.model.dialclip import build_model
 
     import torch
 
@@ -40,10 +40,10 @@ def step_cost(variant: str, backbone: str, batch: int, steps: int) -> dict:
 
 
 def ray_overhead(corpus_cache: Path, epochs_examples: int) -> dict:
-    from dialclip_ray.config import BackboneConfig
+    from dialclip_ray.model.config import BackboneConfig
     from dialclip_ray.data.dataset import ReaderConfig
-    from dialclip_ray.experiments import ensure_corpus, variant_config
-    from dialclip_ray.model import build_model
+    from dialclip_ray.pipelines.experiments import ensure_corpus, variant_config
+    from dialclip_ray.model.dialclip import build_model
     from dialclip_ray.train.loop import build_loaders
     from dialclip_ray.train.run import run_training
 

@@ -18,12 +18,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dialclip_ray.backbone import load_backbone  # noqa: E402
-from dialclip_ray.config import BackboneConfig, preset  # noqa: E402
-from dialclip_ray.costs import synthetic_batch, time_steps  # noqa: E402
-from dialclip_ray.model import build_model  # noqa: E402
+from dialclip_ray.model.backbone import load_backbone  # noqa: E402
+from dialclip_ray.model.config import BackboneConfig, preset  # noqa: E402
+from dialclip_ray.pipelines.costs import synthetic_batch, time_steps  # noqa: E402
+from dialclip_ray.model.dialclip import build_model  # noqa: E402
 
 
 def main() -> None:

@@ -27,7 +27,6 @@ import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dialclip_ray.index import ShardedIndex, build_sharded_index  # noqa: E402
 from dialclip_ray.index.factory import add_vectors, resolve_use_gpu, set_search_params, to_gpu, train_template  # noqa: E402
 

@@ -31,7 +31,6 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 WORDS = ("dog cat beach pizza sunset mountain car birthday cake guitar coffee rain city train flower baby "
@@ -42,10 +41,10 @@ def make_checkpoint(work: Path, model_name: str) -> Path:
     """A checkpoint whose (random-init) backbone weights are a file, so every replica loads identical ones."""
     import torch
 
-    from dialclip_ray.backbone import load_backbone
-    from dialclip_ray.checkpoint import save_checkpoint
-    from dialclip_ray.config import BackboneConfig, preset
-    from dialclip_ray.model import build_model
+    from dialclip_ray.model.backbone import load_backbone
+    from dialclip_ray.model.checkpoint import save_checkpoint
+    from dialclip_ray.model.config import BackboneConfig, preset
+    from dialclip_ray.model.dialclip import build_model
 
     ckpt = work / f"ckpt-{model_name}"
     if (ckpt / "dialclip.pt").exists():
@@ -63,7 +62,7 @@ def random_index(out: Path, n: int, dim: int, shards: int, identity: dict, seed:
     import faiss
     import pyarrow as pa
 
-    from dialclip_ray.index_job import write_index
+    from dialclip_ray.index.layout import write_index
 
     rng = np.random.default_rng(seed)
     vecs = rng.standard_normal((n, dim), dtype=np.float32)
@@ -214,7 +213,7 @@ def main() -> int:
     from ray import serve
     from tqdm.auto import tqdm
 
-    from dialclip_ray.index_job import checkpoint_identity
+    from dialclip_ray.index.layout import checkpoint_identity
     from dialclip_ray.serving.app import build_app, model_embed_dim
 
     dim = model_embed_dim(model)

@@ -18,11 +18,11 @@ from pathlib import Path
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from dialclip_ray.checkpoint import load_checkpoint  # noqa: E402
-from dialclip_ray.config import BackboneConfig  # noqa: E402
+from dialclip_ray.model.checkpoint import load_checkpoint  # noqa: E402
+from dialclip_ray.model.config import BackboneConfig  # noqa: E402
 from dialclip_ray.data.dataset import CanonicalDataset  # noqa: E402
-from dialclip_ray.evaluation import evaluate_model  # noqa: E402
-from dialclip_ray.experiments import VARIANTS, ensure_corpus, ensure_small_clip, variant_config  # noqa: E402
+from dialclip_ray.evaluation.local import evaluate_model  # noqa: E402
+from dialclip_ray.pipelines.experiments import VARIANTS, ensure_corpus, ensure_small_clip, variant_config  # noqa: E402
 from dialclip_ray.train.run import run_training  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"

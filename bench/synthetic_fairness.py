@@ -30,14 +30,13 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from dialclip_ray.data.mmdialog import load_mmdialog  # noqa: E402
 from dialclip_ray.data.photochat import load_photochat  # noqa: E402
 from dialclip_ray.data.synthetic import Scene, attribute_caption, differing, generate  # noqa: E402
 from dialclip_ray.data.synthetic.vocab import (BACKGROUND_WORDS, COLOUR_WORDS, SHAPE_WORDS,  # noqa: E402
                                                SIZE_WORDS)
-from dialclip_ray.text import token_length  # noqa: E402
+from dialclip_ray.model.text import token_length  # noqa: E402
 
 KS = (1, 5, 10)
 CLIP_WINDOW = 77

@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from dialclip_ray.data.synthetic import ALL_SCENES, generate  # noqa: E402
 from dialclip_ray.data.synthetic.scenes import encode_jpeg, render  # noqa: E402

@@ -15,7 +15,7 @@ import sys
 # command group -> module defining register(subparsers)
 COMMANDS: dict[str, str] = {
     "model": "dialclip_ray.commands.model_cmd",
-    "data": "dialclip_ray.data.cli",
+    "data": "dialclip_ray.commands.data_cmd",
     "pretrain": "dialclip_ray.commands.pretrain_cmd",
     "train": "dialclip_ray.commands.train_cmd",
     "evaluate": "dialclip_ray.commands.evaluate_cmd",

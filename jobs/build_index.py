@@ -1,9 +1,11 @@
-"""Ray job entry point: `python jobs/build_index.py --checkpoint CKPT --corpus DIR --out DIR --shards 4`
-(or through `ray job submit -- python jobs/build_index.py ...`)."""
+"""Ray job entry point for `dialclip index build` (the same code as the console command).
+
+    ray job submit --working-dir . -- python jobs/build_index.py --checkpoint DIR --corpus DIR --out DIR
+"""
 
 import sys
 
 from dialclip_ray.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(["index", "build", *sys.argv[1:]]))
+    sys.exit(main(['index', 'build', *sys.argv[1:]]))

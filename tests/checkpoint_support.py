@@ -10,10 +10,10 @@ from pathlib import Path
 
 import torch
 
-from dialclip_ray.backbone import load_backbone
-from dialclip_ray.checkpoint import save_checkpoint
-from dialclip_ray.config import BackboneConfig, preset
-from dialclip_ray.model import build_model
+from dialclip_ray.model.backbone import load_backbone
+from dialclip_ray.model.checkpoint import save_checkpoint
+from dialclip_ray.model.config import BackboneConfig, preset
+from dialclip_ray.model.dialclip import build_model
 
 
 def make_checkpoint(directory: Path, seed: int = 0) -> Path:

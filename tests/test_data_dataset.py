@@ -9,13 +9,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torchvision import transforms
 
-from dialclip_ray.batch import MAX_SPEAKERS
-from dialclip_ray.config import DialCLIPConfig
+from dialclip_ray.model.batch import MAX_SPEAKERS
+from dialclip_ray.model.config import DialCLIPConfig
 from dialclip_ray.data.dataset import (CanonicalDataset, ExampleRecord, ReaderConfig, Turn, build_query_batch,
                                        collate_train, image_loader, make_train_loader, ray_examples)
 from dialclip_ray.data.errors import DataError
 from dialclip_ray.data.prepare import prepare
-from dialclip_ray.text import _bpe, newest_first, tokenize_dialog
+from dialclip_ray.model.text import _bpe, newest_first, tokenize_dialog
 from test_data_support import sample_mmdialog
 
 TOKENIZER = open_clip.get_tokenizer("ViT-B-32")

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dialclip_ray.metrics import (
+from dialclip_ray.evaluation.metrics import (
     grouped_metrics,
     markdown_table,
     mrr,

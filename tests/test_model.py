@@ -7,13 +7,13 @@ import copy
 import pytest
 import torch
 
-from dialclip_ray.backbone import UnsupportedBackboneError, load_backbone
-from dialclip_ray.batch import QueryBatch, TrainBatch
-from dialclip_ray.checkpoint import BackboneMismatchError, load_checkpoint, read_checkpoint, save_checkpoint
-from dialclip_ray.config import BackboneConfig, preset
-from dialclip_ray.model import build_model
-from dialclip_ray.params import parameter_report
-from dialclip_ray.text import tokenize_dialog, tokenize_texts
+from dialclip_ray.model.backbone import UnsupportedBackboneError, load_backbone
+from dialclip_ray.model.batch import QueryBatch, TrainBatch
+from dialclip_ray.model.checkpoint import BackboneMismatchError, load_checkpoint, read_checkpoint, save_checkpoint
+from dialclip_ray.model.config import BackboneConfig, preset
+from dialclip_ray.model.dialclip import build_model
+from dialclip_ray.model.params import parameter_report
+from dialclip_ray.model.text import tokenize_dialog, tokenize_texts
 
 MICRO = BackboneConfig(model_name="dialclip-micro")
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from dialclip_ray.backbone import register_model_configs
+from dialclip_ray.model.backbone import register_model_configs
 from dialclip_ray.data.errors import DataError
 from dialclip_ray.pretrain import PretrainConfig, cache_key, run_pretrain
 from dialclip_ray.pretrain import run as run_mod

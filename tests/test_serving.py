@@ -16,12 +16,12 @@ import pytest
 import yaml
 from PIL import Image
 
-from dialclip_ray.checkpoint import load_checkpoint
+from dialclip_ray.model.checkpoint import load_checkpoint
 from dialclip_ray.data.dataset import CanonicalDataset, image_loader
 from dialclip_ray.data.schema import read_meta
-from dialclip_ray.evaluation import embed_images, embed_texts
+from dialclip_ray.evaluation.local import embed_images, embed_texts
 from dialclip_ray.index import ShardedIndex
-from dialclip_ray.index_job import IndexMismatchError, checkpoint_identity, write_index
+from dialclip_ray.index.layout import IndexMismatchError, checkpoint_identity, write_index
 from dialclip_ray.serving.app import build_app
 from dialclip_ray.serving.dialogs import DialogEncoder
 from dialclip_ray.serving.schemas import RetrieveRequest

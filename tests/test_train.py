@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import yaml
 
-from dialclip_ray.checkpoint import load_checkpoint, read_checkpoint
+from dialclip_ray.model.checkpoint import load_checkpoint, read_checkpoint
 from dialclip_ray.data.dataset import CanonicalDataset
-from dialclip_ray.evaluation import evaluate_model
+from dialclip_ray.evaluation.local import evaluate_model
 from dialclip_ray.train.config import ConfigError, load_train_config
 from dialclip_ray.train.run import run_training
 
@@ -57,7 +57,7 @@ def test_rerun_with_same_name_resumes(trained):
 
 
 def test_ray_data_evaluation_equals_single_process(trained, tiny_corpus):
-    from dialclip_ray.evaluation_ray import evaluate_with_ray
+    from dialclip_ray.evaluation.distributed import evaluate_with_ray
 
     _, _, first = trained
     model, backbone, _ = load_checkpoint(first.best)

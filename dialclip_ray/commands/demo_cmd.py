@@ -18,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..demo import TINY, DemoConfig, run_demo
+    from dialclip_ray.pipelines.demo import TINY, DemoConfig, run_demo
 
     given = {k: v for k, v in {"dialogs": args.dialogs, "epochs": args.epochs, "port": args.port,
                                "out": args.out, "cache": args.cache}.items() if v is not None}

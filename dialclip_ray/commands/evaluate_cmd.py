@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..evaluate_job import evaluate_checkpoints, parse_named
+    from dialclip_ray.pipelines.evaluate import evaluate_checkpoints, parse_named
 
     report = evaluate_checkpoints(parse_named(args.checkpoint), args.data, args.split, args.out,
                                   distributed=not args.local, actors=args.actors, batch_size=args.batch_size,

@@ -39,9 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..index import validate_params
-    from ..index_job import build_index
-    from ..ray_utils import ensure_ray
+    from dialclip_ray.index import validate_params
+    from dialclip_ray.index.build import build_index
+    from dialclip_ray.runtime import ensure_ray
 
     params = parse_params(args.param)
     validate_params(args.kind, params)  # fail before starting Ray

@@ -11,18 +11,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     s = msub.add_parser("summary", help="trainable parameters per component")
     s.add_argument("--backbone", default="ViT-B-32", help="open_clip model name")
     s.add_argument("--pretrained", default=None, help="open_clip tag or local checkpoint (default: random init)")
-    s.add_argument("--preset", default="default", help="model preset (see dialclip_ray.config.PRESETS)")
+    s.add_argument("--preset", default="default", help="model preset (see dialclip_ray.model.config.PRESETS)")
     s.add_argument("--config", default=None, help="a training config YAML whose `model` section is used instead")
     s.set_defaults(func=summary)
 
 
 def summary(args: argparse.Namespace) -> int:
-    from ..config import BackboneConfig, preset
-    from ..model import build_model
-    from ..params import parameter_report
+    from dialclip_ray.model.config import BackboneConfig, preset
+    from dialclip_ray.model.dialclip import build_model
+    from dialclip_ray.model.params import parameter_report
 
     if args.config:
-        from ..train.config import load_train_config
+        from dialclip_ray.train.config import load_train_config
 
         cfg = load_train_config(args.config).model
     else:

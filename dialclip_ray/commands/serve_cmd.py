@@ -31,8 +31,8 @@ def main(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from ..ray_utils import ensure_ray
-    from ..serving.app import build_app
+    from dialclip_ray.runtime import ensure_ray
+    from dialclip_ray.serving.app import build_app
 
     owns_ray = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
     ensure_ray(num_cpus=args.num_cpus)

@@ -31,8 +31,8 @@ def overrides_from(args: argparse.Namespace) -> dict:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..train.config import ConfigError, load_train_config
-    from ..train.run import run_training
+    from dialclip_ray.train.config import ConfigError, load_train_config
+    from dialclip_ray.train.run import run_training
 
     try:
         cfg = load_train_config(args.config, overrides_from(args))

@@ -17,8 +17,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..tuning.space import SpaceError
-    from ..tuning.sweep import run_sweep
+    from dialclip_ray.tuning.space import SpaceError
+    from dialclip_ray.tuning.sweep import run_sweep
 
     try:
         out = run_sweep(args.space, args.name, args.storage, args.samples, args.cpus_per_trial, args.gpus_per_trial)

@@ -20,11 +20,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from ..batch import MAX_SPEAKERS, TARGET_TYPES, QueryBatch, TrainBatch, retrieval_type_index
-from ..text import tokenize_dialog, tokenize_texts
-from .errors import DataError
-from .images import DEFAULT_MAX_PIXELS, open_image, resolve_image_path
-from .schema import SPLITS, read_meta
+from dialclip_ray.model.batch import MAX_SPEAKERS, TARGET_TYPES, QueryBatch, TrainBatch, retrieval_type_index
+from dialclip_ray.model.text import tokenize_dialog, tokenize_texts
+from dialclip_ray.data.errors import DataError
+from dialclip_ray.data.images import DEFAULT_MAX_PIXELS, open_image, resolve_image_path
+from dialclip_ray.data.schema import SPLITS, read_meta
 
 
 @dataclass
@@ -51,7 +51,7 @@ class ReaderConfig:
         """Reader settings of a DialCLIPConfig; context length and image size from the backbone's open_clip config."""
         import open_clip
 
-        from ..backbone import register_model_configs
+        from dialclip_ray.model.backbone import register_model_configs
 
         register_model_configs()
         model_cfg = open_clip.get_model_config(cfg.backbone.model_name) or {}

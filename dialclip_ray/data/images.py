@@ -18,7 +18,7 @@ from typing import Iterable, Sequence
 
 from PIL import Image, UnidentifiedImageError
 
-from .errors import DataError
+from dialclip_ray.data.errors import DataError
 
 # 64 megapixels: far above any dataset photo, far below what exhausts memory.
 DEFAULT_MAX_PIXELS = 64_000_000

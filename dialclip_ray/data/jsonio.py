@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import DataError
+from dialclip_ray.data.errors import DataError
 
 
 def load_json_file(path: str | Path) -> Any:

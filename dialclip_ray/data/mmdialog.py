@@ -16,9 +16,9 @@ from typing import Any, Iterator, Literal
 
 from tqdm import tqdm
 
-from .errors import DataError, ErrorPolicy
-from .jsonio import first_char, iter_json_lines, load_json_file
-from .schema import ImageRef, LoadedSource
+from dialclip_ray.data.errors import DataError, ErrorPolicy
+from dialclip_ray.data.jsonio import first_char, iter_json_lines, load_json_file
+from dialclip_ray.data.schema import ImageRef, LoadedSource
 
 TEXT_KEY = "__TEXT__"
 MEDIA_KEY = "__MEDIA__"

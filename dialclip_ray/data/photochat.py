@@ -17,10 +17,10 @@ from urllib.parse import urlparse
 
 from tqdm import tqdm
 
-from .errors import DataError, ErrorPolicy
-from .images import stable_id
-from .jsonio import load_json_file
-from .schema import ImageRef, LoadedSource
+from dialclip_ray.data.errors import DataError, ErrorPolicy
+from dialclip_ray.data.images import stable_id
+from dialclip_ray.data.jsonio import load_json_file
+from dialclip_ray.data.schema import ImageRef, LoadedSource
 
 SPLIT_ALIASES = {"train": "train", "dev": "dev", "valid": "dev", "validation": "dev", "val": "dev", "test": "test"}
 _PREFIX = re.compile(r"^(train|dev|valid|validation|val|test)_", re.IGNORECASE)

@@ -17,19 +17,19 @@ from typing import Literal, Sequence
 
 from tqdm import tqdm
 
-from .errors import DataError, ErrorPolicy, OnError
-from .images import DEFAULT_EXTENSIONS, DEFAULT_MAX_PIXELS, ImageLocator, image_size
-from .schema import ImageRef, LoadedSource, check_output_dir, write_dataset_dir
+from dialclip_ray.data.errors import DataError, ErrorPolicy, OnError
+from dialclip_ray.data.images import DEFAULT_EXTENSIONS, DEFAULT_MAX_PIXELS, ImageLocator, image_size
+from dialclip_ray.data.schema import ImageRef, LoadedSource, check_output_dir, write_dataset_dir
 
 Format = Literal["photochat", "mmdialog"]
 
 
 def _load(fmt: str, input: Path, policy: ErrorPolicy, progress: bool) -> tuple[LoadedSource, tuple[str, ...]]:
     if fmt == "photochat":
-        from .photochat import DEFAULT_PATTERNS, load_photochat
+        from dialclip_ray.data.photochat import DEFAULT_PATTERNS, load_photochat
         return load_photochat(input, policy, progress), DEFAULT_PATTERNS
     if fmt == "mmdialog":
-        from .mmdialog import DEFAULT_PATTERNS, load_mmdialog
+        from dialclip_ray.data.mmdialog import DEFAULT_PATTERNS, load_mmdialog
         return load_mmdialog(input, policy, progress), DEFAULT_PATTERNS
     raise ValueError(f"unknown format {fmt!r}; expected photochat or mmdialog")
 
@@ -71,7 +71,7 @@ def prepare(format: Format, input: str | Path, images: str | Path | None, out: s
     if images is None:
         if format != "mmdialog":
             raise ValueError("--images (the image root) is required for PhotoChat")
-        from .mmdialog import CONVERSATIONS  # images live at ROOT/<split>/<key>.jpg beside the split dirs
+        from dialclip_ray.data.mmdialog import CONVERSATIONS  # images live at ROOT/<split>/<key>.jpg beside the split dirs
         images = input.parent.parent if input.is_file() else \
             input.parent if (input / CONVERSATIONS).is_file() else input
     root = Path(images)

@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from ..text import token_length
-from .dataset import CanonicalDataset
+from dialclip_ray.model.text import token_length
+from dialclip_ray.data.dataset import CanonicalDataset
 
 
 def _dist(values: list[int]) -> dict:

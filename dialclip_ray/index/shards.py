@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from dialclip_ray.atomic import replace_dir
+from dialclip_ray.fsio import replace_dir
 from dialclip_ray.index.factory import add_vectors, resolve_use_gpu, set_search_params, to_gpu, train_template
 from dialclip_ray.index.manifest import IndexManifest, IndexManifestError, ShardEntry
 

@@ -61,7 +61,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
     from tqdm import tqdm
 
-    from dialclip_ray.backbone import register_model_configs
+    from dialclip_ray.model.backbone import register_model_configs
     from dialclip_ray.pretrain.config import PretrainConfig
     from dialclip_ray.pretrain.data import CaptionDataset, read_captions
     from dialclip_ray.pretrain.encode import ClipForTraining

@@ -26,8 +26,8 @@ import torch
 
 from dialclip_ray.pretrain.config import PretrainConfig
 from dialclip_ray.pretrain.data import corpus_fingerprint, held_out_pairs, read_captions
-from dialclip_ray.atomic import replace_dir
-from dialclip_ray.ray_utils import ensure_ray
+from dialclip_ray.fsio import replace_dir
+from dialclip_ray.runtime import ensure_ray
 
 MODEL_FILE = "open_clip_model.pt"
 META_FILE = "pretrain_meta.json"
@@ -101,7 +101,7 @@ def evaluate_checkpoint(model_name: str, checkpoint: Path, root: Path, splits: t
     """Load through open_clip's own pretrained path (proving the file is loadable) and score held-out recall."""
     import open_clip
 
-    from dialclip_ray.backbone import register_model_configs
+    from dialclip_ray.model.backbone import register_model_configs
     from dialclip_ray.pretrain.evaluate import embed_pairs, retrieval_metrics
 
     register_model_configs()
@@ -123,7 +123,7 @@ def run_pretrain(config: PretrainConfig, corpus_root: str | Path, cache_dir: str
     if not force and (final / MODEL_FILE).is_file() and (final / META_FILE).is_file():
         return PretrainResult(final / MODEL_FILE, json.loads((final / META_FILE).read_text()), cached=True)
 
-    from dialclip_ray.backbone import register_model_configs
+    from dialclip_ray.model.backbone import register_model_configs
 
     register_model_configs()
     ensure_ray(max(2, config.workers))

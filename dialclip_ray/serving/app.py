@@ -10,7 +10,7 @@ from typing import Any
 
 from ray.serve import Application
 
-from .schemas import AppArgs
+from dialclip_ray.serving.schemas import AppArgs
 
 
 def app_info(args: AppArgs, layout, meta: dict) -> dict[str, Any]:
@@ -24,7 +24,7 @@ def app_info(args: AppArgs, layout, meta: dict) -> dict[str, Any]:
 def model_embed_dim(model_name: str) -> int | None:
     import open_clip
 
-    from ..backbone import register_model_configs
+    from dialclip_ray.model.backbone import register_model_configs
 
     register_model_configs()
     cfg = open_clip.get_model_config(model_name)
@@ -34,11 +34,11 @@ def model_embed_dim(model_name: str) -> int | None:
 def build_app(args: AppArgs | dict) -> Application:
     from pathlib import Path
 
-    from ..checkpoint import read_checkpoint
-    from ..index_job import IndexLayout, IndexMismatchError, check_identity, checkpoint_identity
-    from .encoder import QueryEncoder
-    from .ingress import RetrievalIngress
-    from .shard import IndexShard
+    from dialclip_ray.model.checkpoint import read_checkpoint
+    from dialclip_ray.index.layout import IndexLayout, IndexMismatchError, check_identity, checkpoint_identity
+    from dialclip_ray.serving.encoder import QueryEncoder
+    from dialclip_ray.serving.ingress import RetrievalIngress
+    from dialclip_ray.serving.shard import IndexShard
 
     args = AppArgs.model_validate(args if isinstance(args, dict) else args.model_dump())
     args = args.model_copy(update={"checkpoint": str(Path(args.checkpoint).resolve()),

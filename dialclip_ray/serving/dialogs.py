@@ -18,10 +18,10 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from ..data.dataset import ExampleRecord, ImageLoader, ReaderConfig, Turn, build_query_batch
-from ..data.errors import DataError
-from ..data.schema import read_meta
-from .schemas import RetrieveRequest
+from dialclip_ray.data.dataset import ExampleRecord, ImageLoader, ReaderConfig, Turn, build_query_batch
+from dialclip_ray.data.errors import DataError
+from dialclip_ray.data.schema import read_meta
+from dialclip_ray.serving.schemas import RetrieveRequest
 
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
 
@@ -81,7 +81,7 @@ class DialogEncoder:
 
     def __init__(self, checkpoint: str, corpus_dirs: Sequence[str], device: str = "cpu",
                  max_image_pixels: int = 16_000_000):
-        from ..checkpoint import load_checkpoint
+        from dialclip_ray.model.checkpoint import load_checkpoint
 
         self.model, self.backbone, self.meta = load_checkpoint(checkpoint, device=device)
         self.model.eval()

@@ -7,7 +7,7 @@ from typing import Any
 
 from ray import serve
 
-from .schemas import RetrieveRequest
+from dialclip_ray.serving.schemas import RetrieveRequest
 
 
 @serve.deployment(name="QueryEncoder", max_ongoing_requests=16, ray_actor_options={"num_cpus": 0.25})
@@ -18,8 +18,8 @@ class QueryEncoder:
                  use_gpu: bool = False, threads: int = 1, max_image_pixels: int = 16_000_000):
         import torch
 
-        from ..index_job import check_identity, checkpoint_identity
-        from .dialogs import DialogEncoder
+        from dialclip_ray.index.layout import check_identity, checkpoint_identity
+        from dialclip_ray.serving.dialogs import DialogEncoder
 
         torch.set_num_threads(threads)
         check_identity(checkpoint_identity(checkpoint), index_identity, f"QueryEncoder({checkpoint})")

@@ -18,8 +18,8 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from ray import serve
 
-from ..index import merge_topk
-from .schemas import ErrorResponse, Hit, RetrieveRequest, RetrieveResponse
+from dialclip_ray.index import merge_topk
+from dialclip_ray.serving.schemas import ErrorResponse, Hit, RetrieveRequest, RetrieveResponse
 
 logger = logging.getLogger("ray.serve")
 

@@ -21,8 +21,8 @@ class IndexShard:
                  threads: int = 1, delay_s: float = 0.0):
         import faiss
 
-        from ..index import ShardSearcher
-        from ..index_job import IndexLayout, IndexMismatchError
+        from dialclip_ray.index import ShardSearcher
+        from dialclip_ray.index.layout import IndexLayout, IndexMismatchError
 
         faiss.omp_set_num_threads(threads)
         layout = IndexLayout.load(index_dir)

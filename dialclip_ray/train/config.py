@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ..config import PRESETS, DialCLIPConfig
+from dialclip_ray.model.config import PRESETS, DialCLIPConfig
 
 
 class DataSection(BaseModel):

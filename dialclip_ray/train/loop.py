@@ -22,13 +22,13 @@ from pathlib import Path
 
 import torch
 
-from ..batch import TARGET_TYPES
-from ..checkpoint import read_checkpoint, save_checkpoint
-from ..data.dataset import CanonicalDataset, ReaderConfig, make_train_loader
-from ..evaluation import evaluate_model
-from ..model import build_model
-from ..params import parameter_report
-from .config import TrainConfig
+from dialclip_ray.model.batch import TARGET_TYPES
+from dialclip_ray.model.checkpoint import read_checkpoint, save_checkpoint
+from dialclip_ray.data.dataset import CanonicalDataset, ReaderConfig, make_train_loader
+from dialclip_ray.evaluation.local import evaluate_model
+from dialclip_ray.model.dialclip import build_model
+from dialclip_ray.model.params import parameter_report
+from dialclip_ray.train.config import TrainConfig
 
 STATE_FILE = "train_state.pt"
 

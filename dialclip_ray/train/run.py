@@ -17,10 +17,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..checkpoint import META_FILE, WEIGHTS_FILE
-from ..ray_utils import ensure_ray
-from .config import TrainConfig, dump_train_config, resolve_paths
-from .plots import plot_training_curves
+from dialclip_ray.model.checkpoint import META_FILE, WEIGHTS_FILE
+from dialclip_ray.runtime import ensure_ray
+from dialclip_ray.train.config import TrainConfig, dump_train_config, resolve_paths
+from dialclip_ray.train.plots import plot_training_curves
 
 
 @dataclass
@@ -72,7 +72,7 @@ def run_training(cfg: TrainConfig) -> TrainOutcome:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from .loop import train_loop_per_worker
+    from dialclip_ray.train.loop import train_loop_per_worker
 
     cfg = resolve_paths(cfg.model_copy(deep=True))
     storage = Path(cfg.run.storage_path).expanduser().resolve()

@@ -12,8 +12,8 @@ import json
 import math
 from pathlib import Path
 
-from ..train.config import TrainConfig, dump_train_config
-from .space import SweepSpec, apply_params
+from dialclip_ray.train.config import TrainConfig, dump_train_config
+from dialclip_ray.tuning.space import SweepSpec, apply_params
 
 PLOTTED = (("context_prompt_length", "context prompts Lc"), ("insertion_layer", "insertion layer Lins"),
            ("num_experts", "experts K"), ("domain_prompt_length", "domain prompts Ld"))
@@ -72,7 +72,7 @@ def plot_sensitivity(rows: list[dict], base: TrainConfig, path: Path) -> Path:
 
 
 def write_outputs(results, spec: SweepSpec, base: TrainConfig, sweep_dir: Path, restored: bool):
-    from .sweep import SweepOutcome
+    from dialclip_ray.tuning.sweep import SweepOutcome
 
     rows = trial_table(results, spec)
     write_table(rows, sweep_dir)

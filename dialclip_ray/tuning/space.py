@@ -15,8 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ..config import DialCLIPConfig
-from ..train.config import ConfigError, TrainConfig, load_train_config
+from dialclip_ray.model.config import DialCLIPConfig
+from dialclip_ray.train.config import ConfigError, TrainConfig, load_train_config
 
 MODEL_KEYS = set(DialCLIPConfig.model_fields) - {"backbone", "variant", "task_words"}
 OPTIM_KEYS = {"lr", "batch_size", "weight_decay", "warmup_steps"}
@@ -116,7 +116,7 @@ def _check_bounds(path: Path, spec: SweepSpec, base: TrainConfig) -> None:
     """Every discrete value must make a valid config on this backbone (e.g. an existing insertion layer)."""
     import open_clip
 
-    from ..backbone import register_model_configs
+    from dialclip_ray.model.backbone import register_model_configs
 
     register_model_configs()
     cfg = open_clip.get_model_config(base.model.backbone.model_name) or {}

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .space import SweepSpec, apply_params
+from dialclip_ray.tuning.space import SweepSpec, apply_params
 
 METRIC = "val_sum"
 
@@ -28,8 +28,8 @@ def trial_fn(config: dict[str, Any], base: dict, epochs: int, trials_dir: str, u
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from ..train.config import TrainConfig
-    from ..train.loop import train_loop_per_worker
+    from dialclip_ray.train.config import TrainConfig
+    from dialclip_ray.train.loop import train_loop_per_worker
 
     cfg = apply_params(TrainConfig.model_validate(base), config)
     cfg.optim.epochs = epochs
@@ -73,11 +73,11 @@ def run_sweep(space_path: str | Path, name: str, storage: str | Path = "runs/tun
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from ..ray_utils import ensure_ray
-    from .report import write_outputs
-    from .space import load_space
+    from dialclip_ray.runtime import ensure_ray
+    from dialclip_ray.tuning.report import write_outputs
+    from dialclip_ray.tuning.space import load_space
 
-    from ..train.config import resolve_paths
+    from dialclip_ray.train.config import resolve_paths
 
     spec, base = load_space(space_path)
     base = resolve_paths(base)

@@ -6,8 +6,8 @@ them in the real file formats, image captions for pretraining a small CLIP,
 ``synth_meta.json`` and a ground-truth sidecar (``synth_truth.json``).
 """
 
-from .vocab import ALL_SCENES, ATTRIBUTES, Scene, attribute_caption, differing, neighbours
-from .writer import GENERATOR_VERSION, SynthConfig, generate, photochat_split_sizes
+from dialclip_ray.data.synthetic.vocab import ALL_SCENES, ATTRIBUTES, Scene, attribute_caption, differing, neighbours
+from dialclip_ray.data.synthetic.writer import GENERATOR_VERSION, SynthConfig, generate, photochat_split_sizes
 
 __all__ = ["ALL_SCENES", "ATTRIBUTES", "GENERATOR_VERSION", "Scene", "SynthConfig", "attribute_caption",
            "differing", "generate", "neighbours", "photochat_split_sizes"]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from .vocab import (ATTRIBUTES, BACKGROUND_WORDS, COLOUR_WORDS, COUNT_WORDS, SIZE_WORDS, VALUES, Scene, pick,
+from dialclip_ray.data.synthetic.vocab import (ATTRIBUTES, BACKGROUND_WORDS, COLOUR_WORDS, COUNT_WORDS, SIZE_WORDS, VALUES, Scene, pick,
                     shape_word)
 
 P_CANONICAL = 0.85  # share of attribute mentions using the canonical word (the rest: a synonym)

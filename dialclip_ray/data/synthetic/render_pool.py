@@ -15,8 +15,8 @@ from typing import Callable
 
 from tqdm import tqdm
 
-from .scenes import encode_jpeg, render
-from .vocab import Scene
+from dialclip_ray.data.synthetic.scenes import encode_jpeg, render
+from dialclip_ray.data.synthetic.vocab import Scene
 
 _CHUNK = 256
 

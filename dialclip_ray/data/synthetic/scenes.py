@@ -15,7 +15,7 @@ import random
 
 from PIL import Image, ImageDraw
 
-from .vocab import COLOURS, Scene
+from dialclip_ray.data.synthetic.vocab import COLOURS, Scene
 
 MAX_IMAGE_SIZE = 1024
 _RADIUS = {"small": 0.095, "large": 0.17}  # fraction of the image side

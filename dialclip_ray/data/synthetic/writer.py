@@ -20,10 +20,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .dialogs import Conversation, ImageItem, mmdialog_conversation, photochat_dialog, text_pool
-from .render_pool import ImageJob, render_all
-from .scenes import MAX_IMAGE_SIZE
-from .vocab import ALL_SCENES, ATTRIBUTES, VALUES, Scene, captions, neighbours, photo_description
+from dialclip_ray.data.synthetic.dialogs import Conversation, ImageItem, mmdialog_conversation, photochat_dialog, text_pool
+from dialclip_ray.data.synthetic.render_pool import ImageJob, render_all
+from dialclip_ray.data.synthetic.scenes import MAX_IMAGE_SIZE
+from dialclip_ray.data.synthetic.vocab import ALL_SCENES, ATTRIBUTES, VALUES, Scene, captions, neighbours, photo_description
 
 GENERATOR_VERSION = 1
 NEGATIVES = 999

@@ -73,16 +73,16 @@ def run_demo(cfg: DemoConfig) -> dict:
     import ray
     from ray import serve
 
-    from .checkpoint import save_checkpoint
-    from .config import BackboneConfig
-    from .evaluate_job import evaluate_checkpoints
-    from .experiments import ensure_corpus, ensure_small_clip, variant_config
-    from .index_job import build_index
-    from .model import build_model
-    from .ray_utils import ensure_ray
-    from .serving.app import build_app
-    from .train.run import run_training
-    from .demo_report import ask_queries, write_report
+    from dialclip_ray.model.checkpoint import save_checkpoint
+    from dialclip_ray.model.config import BackboneConfig
+    from dialclip_ray.pipelines.evaluate import evaluate_checkpoints
+    from dialclip_ray.pipelines.experiments import ensure_corpus, ensure_small_clip, variant_config
+    from dialclip_ray.index.build import build_index
+    from dialclip_ray.model.dialclip import build_model
+    from dialclip_ray.runtime import ensure_ray
+    from dialclip_ray.serving.app import build_app
+    from dialclip_ray.train.run import run_training
+    from dialclip_ray.pipelines.demo_report import ask_queries, write_report
 
     for noisy in ("ray.data", "ray.serve", "ray.train"):  # stage headers and our own output carry the progress
         logging.getLogger(noisy).setLevel(logging.WARNING)

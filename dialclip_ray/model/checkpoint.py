@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from .backbone import Backbone, load_backbone
-from .config import DialCLIPConfig
-from .model import DialCLIP, build_model
-from .params import parameter_report
+from dialclip_ray.model.backbone import Backbone, load_backbone
+from dialclip_ray.model.config import DialCLIPConfig
+from dialclip_ray.model.dialclip import DialCLIP, build_model
+from dialclip_ray.model.params import parameter_report
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "dialclip.pt"

@@ -23,13 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbone import Backbone, load_backbone, weights_hash
-from .batch import RETRIEVAL_TYPES, QueryBatch, TrainBatch
-from .config import DialCLIPConfig
-from .cpg import ContextPromptGenerator
-from .experts import ProjectionExperts
-from .prompts import make_text_prompts, make_vision_prompts
-from .towers import encode_image_features, encode_text_features, project_image, project_text
+from dialclip_ray.model.backbone import Backbone, load_backbone, weights_hash
+from dialclip_ray.model.batch import RETRIEVAL_TYPES, QueryBatch, TrainBatch
+from dialclip_ray.model.config import DialCLIPConfig
+from dialclip_ray.model.cpg import ContextPromptGenerator
+from dialclip_ray.model.experts import ProjectionExperts
+from dialclip_ray.model.prompts import make_text_prompts, make_vision_prompts
+from dialclip_ray.model.towers import encode_image_features, encode_text_features, project_image, project_text
 
 MAX_LOGIT_SCALE = 4.6052  # ln(100), CLIP's clamp
 

@@ -14,10 +14,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from .batch import RETRIEVAL_TYPES, TARGET_TYPES
-from .data.dataset import CanonicalDataset, ExampleRecord, ReaderConfig, build_query_batch, image_loader
-from .metrics import grouped_metrics, ranks_all_candidates, ranks_per_example
-from .text import tokenize_texts
+from dialclip_ray.model.batch import RETRIEVAL_TYPES, TARGET_TYPES
+from dialclip_ray.data.dataset import CanonicalDataset, ExampleRecord, ReaderConfig, build_query_batch, image_loader
+from dialclip_ray.evaluation.metrics import grouped_metrics, ranks_all_candidates, ranks_per_example
+from dialclip_ray.model.text import tokenize_texts
 
 
 def _batches(items: Sequence, size: int):

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .batch import MAX_SPEAKERS
+from dialclip_ray.model.batch import MAX_SPEAKERS
 
 
 class ContextPromptGenerator(nn.Module):

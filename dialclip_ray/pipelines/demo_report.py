@@ -11,7 +11,7 @@ import json
 import urllib.request
 from pathlib import Path
 
-from .data.dataset import CanonicalDataset, ExampleRecord
+from dialclip_ray.data.dataset import CanonicalDataset, ExampleRecord
 
 
 def request_for(record: ExampleRecord, k: int = 5) -> dict:

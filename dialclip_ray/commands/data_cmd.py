@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Callable
 
-from .errors import DataError
+from dialclip_ray.data.errors import DataError
 
 EXIT_DATA_ERROR = 2
 
@@ -26,7 +26,7 @@ def _guard(handler: Callable[[argparse.Namespace], int | None]) -> Callable[[arg
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from .synthetic import generate  # lazy: the generator pulls in image rendering
+    from dialclip_ray.data.synthetic import generate  # lazy: the generator pulls in image rendering
 
     result = generate(args.out, dialogs=args.dialogs, seed=args.seed, image_size=args.image_size)
     if result is not None:
@@ -35,7 +35,7 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from .prepare import prepare
+    from dialclip_ray.data.prepare import prepare
 
     meta = prepare(args.format, args.input, args.images, args.out, on_error=args.on_error,
                    image_patterns=args.image_pattern or None, max_pixels=args.max_pixels,
@@ -49,7 +49,7 @@ def _prepare(args: argparse.Namespace) -> int:
 def _stats(args: argparse.Namespace) -> int:
     import open_clip
 
-    from .stats import dataset_stats, format_stats
+    from dialclip_ray.data.stats import dataset_stats, format_stats
 
     stats = dataset_stats(args.dir, open_clip.get_tokenizer(args.tokenizer), max_examples=args.max_examples,
                           plot=args.plot)
@@ -58,7 +58,7 @@ def _stats(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from .images import DEFAULT_MAX_PIXELS
+    from dialclip_ray.data.images import DEFAULT_MAX_PIXELS
 
     data = subparsers.add_parser("data", help="make, convert and inspect datasets")
     sub = data.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")

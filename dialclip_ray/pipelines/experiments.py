@@ -12,8 +12,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import PRESETS, BackboneConfig, DialCLIPConfig
-from .train.config import DataSection, OptimSection, RunSection, TrainConfig
+from dialclip_ray.model.config import PRESETS, BackboneConfig, DialCLIPConfig
+from dialclip_ray.train.config import DataSection, OptimSection, RunSection, TrainConfig
 
 # The variants of the paper's comparison: DialCLIP, its baselines and its three ablations.
 VARIANTS = ("dialclip", "zeroshot", "finetune", "no-context", "no-domain", "single-expert")
@@ -32,9 +32,9 @@ class Corpus:
 
 def ensure_corpus(cache: Path, dialogs: int, seed: int = 0, image_size: int = 64) -> Corpus:
     """Synthetic corpus in the real formats, converted by the real loaders (reused when present)."""
-    from .data.prepare import prepare
-    from .data.schema import is_dataset_dir
-    from .data.synthetic import generate
+    from dialclip_ray.data.prepare import prepare
+    from dialclip_ray.data.schema import is_dataset_dir
+    from dialclip_ray.data.synthetic import generate
 
     root = Path(cache).resolve() / f"synth-{dialogs}-s{seed}-{image_size}px"
     corpus = Corpus(root / "raw", root / "photochat", root / "mmdialog")
@@ -50,7 +50,7 @@ def ensure_corpus(cache: Path, dialogs: int, seed: int = 0, image_size: int = 64
 def ensure_small_clip(corpus: Corpus, cache: Path, model_name: str = "dialclip-tiny", epochs: int = 6,
                       workers: int = 2, lr: float = 2e-3, batch_size: int = 128, use_gpu: bool = False):
     """The locally pretrained small CLIP (open_clip checkpoint path), trained once per config and corpus."""
-    from .pretrain import PretrainConfig, run_pretrain
+    from dialclip_ray.pretrain import PretrainConfig, run_pretrain
 
     cfg = PretrainConfig(model_name=model_name, epochs=epochs, workers=workers, lr=lr, batch_size=batch_size,
                          use_gpu=use_gpu)

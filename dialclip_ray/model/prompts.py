@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .text import _bpe
+from dialclip_ray.model.text import _bpe
 
 
 class DomainPrompts(nn.Module):

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .batch import RETRIEVAL_TYPES, TARGET_TYPES
-from .data.dataset import CanonicalDataset, ReaderConfig
-from .evaluation import candidate_pool, ranks_for, summarise
-from .metrics import grouped_metrics
+from dialclip_ray.model.batch import RETRIEVAL_TYPES, TARGET_TYPES
+from dialclip_ray.data.dataset import CanonicalDataset, ReaderConfig
+from dialclip_ray.evaluation.local import candidate_pool, ranks_for, summarise
+from dialclip_ray.evaluation.metrics import grouped_metrics
 
 
 class EncoderActor:
@@ -29,8 +29,8 @@ class EncoderActor:
     def __init__(self, checkpoint: str, dataset_dir: str, split: str | None = None, threads: int = 1):
         import torch
 
-        from .checkpoint import load_checkpoint
-        from .data.dataset import image_loader
+        from dialclip_ray.model.checkpoint import load_checkpoint
+        from dialclip_ray.data.dataset import image_loader
 
         torch.set_num_threads(threads)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -42,7 +42,7 @@ class EncoderActor:
         self.records = {r.id: r for r in self.dataset.examples(split)} if split else {}
 
     def _embed(self, kind: str, keys: list[str]) -> np.ndarray:
-        from .evaluation import embed_images, embed_queries, embed_texts
+        from dialclip_ray.evaluation.local import embed_images, embed_queries, embed_texts
 
         if kind == "query":
             return embed_queries(self.model, [self.records[k] for k in keys], self.backbone.tokenizer,

@@ -1,16 +1,17 @@
-"""The index job: embed prepared corpora with a checkpoint (Ray Data) and write a serving index.
+"""A serving index on disk: its layout, its identity, and how it is written.
 
-Layout of an index built here::
+Layout::
 
     OUT/index.json     written last: identity, corpora, per-modality counts/shards
-    OUT/image/         a sharded FAISS index (``dialclip_ray.index``) of every image id
+    OUT/image/         a sharded FAISS index (``dialclip_ray.index.shards``) of every image id
     OUT/text/          the same for every text id (absent when the corpora hold no text)
 
 Both sub-indexes carry the same identity: the checkpoint's backbone identity plus
 digests of the checkpoint file and the model config. Serving compares it with the
 checkpoint it loads and refuses a mismatch: vectors from one checkpoint are
 meaningless to another's query encoder. The whole directory is built under a hidden
-temp name and renamed at the end, so a failed build leaves nothing at ``OUT``.
+temp name and published at the end, so a failed build leaves nothing at ``OUT``.
+This module is what serving reads; ``build.py`` is the Ray Data job that fills it.
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .atomic import replace_dir
-from .data.schema import read_meta
-from .index.manifest import IndexManifest, atomic_write_text
+from dialclip_ray.fsio import replace_dir
+from dialclip_ray.data.schema import read_meta
+from dialclip_ray.index.manifest import IndexManifest, atomic_write_text
 
 INFO_FILE = "index.json"
 FORMAT_VERSION = 1
@@ -52,7 +53,7 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 def checkpoint_identity(checkpoint: str | os.PathLike) -> dict[str, Any]:
     """Backbone identity + sha256 of ``dialclip.pt`` + sha256 of the model config (canonical JSON)."""
-    from .checkpoint import WEIGHTS_FILE, read_checkpoint  # torch: only where a checkpoint is read
+    from dialclip_ray.model.checkpoint import WEIGHTS_FILE, read_checkpoint  # torch: only where a checkpoint is read
 
     path = Path(checkpoint)
     meta, _ = read_checkpoint(path)
@@ -114,98 +115,6 @@ class IndexLayout:
         return dims.pop()
 
 
-@dataclass
-class _Items:
-    ids: list[str] = field(default_factory=list)
-    owner: list[int] = field(default_factory=list)      # index into corpus_dirs
-    meta: dict[str, list] = field(default_factory=dict)
-
-
-def collect_items(corpus_dirs: Sequence[Path], target: str) -> _Items:
-    """Every image (or text) id of the prepared dataset dirs, first occurrence wins."""
-    items, seen = _Items(), set()
-    for c, directory in enumerate(corpus_dirs):
-        source = read_meta(directory).get("source", "")
-        if target == "image":
-            table = pq.read_table(directory / "images.parquet", columns=["image_id", "path"])
-            ids, extra = table.column("image_id").to_pylist(), {"path": table.column("path").to_pylist()}
-        else:
-            table = pq.read_table(directory / "texts.parquet", columns=["text_id", "text"])
-            ids, extra = table.column("text_id").to_pylist(), {"text": table.column("text").to_pylist()}
-        for row, item in enumerate(ids):
-            if item in seen:
-                continue
-            seen.add(item)
-            items.ids.append(item)
-            items.owner.append(c)
-            for name, values in {**extra, "source": None}.items():
-                items.meta.setdefault(name, []).append(source if values is None else values[row])
-    return items
-
-
-def embed_items(checkpoint: str, corpus_dirs: Sequence[Path], target: str, items: _Items, actors: int,
-                batch_size: int) -> np.ndarray:
-    """Vectors for ``items`` in order, each corpus's ids embedded by a Ray Data encoder pool."""
-    from .evaluation_ray import embed_with_ray
-
-    out: np.ndarray | None = None
-    owner = np.asarray(items.owner)
-    for c, directory in enumerate(corpus_dirs):
-        rows = np.flatnonzero(owner == c)
-        if not len(rows):
-            continue
-        vecs = embed_with_ray(checkpoint, str(directory), target, [items.ids[r] for r in rows], None, actors,
-                              batch_size)
-        if out is None:
-            out = np.zeros((len(items.ids), vecs.shape[1]), np.float32)
-        out[rows] = vecs
-    assert out is not None
-    return out
-
-
-def build_index(checkpoint: str | os.PathLike, corpus_dirs: Sequence[str | os.PathLike], out: str | os.PathLike,
-                shards: int = 1, kind: str = "flat", params: dict[str, Any] | None = None, actors: int = 2,
-                target_types: Sequence[str] = TARGETS, batch_size: int = 64, overwrite: bool = False,
-                use_gpu: bool | None = None) -> IndexLayout:
-    """Embed every image/text of ``corpus_dirs`` with ``checkpoint`` and write ``OUT/{image,text}/``.
-
-    Needs a running Ray (``ray_utils.ensure_ray``). A modality with fewer items than
-    ``shards`` gets one shard per item; a modality absent from every corpus is skipped.
-    """
-    from tqdm.auto import tqdm
-
-    from .index import validate_params
-
-    out = Path(out).resolve()
-    checkpoint = str(Path(checkpoint).resolve())
-    dirs = [Path(d).resolve() for d in corpus_dirs]
-    if not dirs:
-        raise ValueError("build_index needs at least one --corpus directory")
-    bad = [t for t in target_types if t not in TARGETS]
-    if bad or not target_types:
-        raise ValueError(f"target_types must be a non-empty subset of {TARGETS}, got {list(target_types)}")
-    if shards < 1:
-        raise ValueError(f"shards must be >= 1, got {shards}")
-    validate_params(kind, params)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists (pass overwrite=True / --overwrite to replace it)")
-    identity = checkpoint_identity(checkpoint)
-    corpora = []
-    for d in dirs:
-        meta = read_meta(d)
-        corpora.append({"dir": str(d), "source": meta.get("source", ""), "image_root": meta.get("image_root")})
-    modalities = {}
-    for target in tqdm(list(target_types), desc="embedding modalities", disable=None):
-        items = collect_items(dirs, target)
-        if items.ids:
-            vectors = embed_items(checkpoint, dirs, target, items, actors, batch_size)
-            metadata = pa.table({name: pa.array(values, pa.string()) for name, values in items.meta.items()})
-            modalities[target] = (items.ids, vectors, metadata)
-    if not modalities:
-        raise ValueError(f"no {' or '.join(target_types)} items in {[str(d) for d in dirs]}")
-    return write_index(out, modalities, identity, shards, kind, params, corpora, checkpoint, overwrite, use_gpu)
-
-
 def write_index(out: str | os.PathLike, modalities: dict[str, tuple[Sequence[str], np.ndarray, pa.Table | None]],
                 identity: dict[str, Any], shards: int = 1, kind: str = "flat", params: dict[str, Any] | None = None,
                 corpora: Sequence[dict] = (), checkpoint: str | None = None, overwrite: bool = False,
@@ -215,7 +124,7 @@ def write_index(out: str | os.PathLike, modalities: dict[str, tuple[Sequence[str
     ``identity`` should be ``checkpoint_identity(checkpoint)`` of the checkpoint whose
     candidate encoders produced ``vectors`` (serving compares it with what it loads).
     """
-    from .index import build_sharded_index
+    from dialclip_ray.index import build_sharded_index
 
     out = Path(out).resolve()
     if out.exists() and not overwrite:

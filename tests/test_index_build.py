@@ -10,12 +10,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dialclip_ray.checkpoint import load_checkpoint
+from dialclip_ray.model.checkpoint import load_checkpoint
 from dialclip_ray.cli import main
 from dialclip_ray.data.dataset import CanonicalDataset, image_loader
-from dialclip_ray.evaluation import embed_images, embed_texts
+from dialclip_ray.evaluation.local import embed_images, embed_texts
 from dialclip_ray.index import IndexManifest
-from dialclip_ray.index_job import INFO_FILE, IndexLayout, checkpoint_identity, file_sha256, write_index
+from dialclip_ray.index.layout import INFO_FILE, IndexLayout, checkpoint_identity, file_sha256, write_index
 
 
 from checkpoint_support import make_checkpoint  # noqa: E402

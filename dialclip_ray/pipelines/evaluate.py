@@ -10,7 +10,7 @@ import json
 import time
 from pathlib import Path
 
-from .metrics import markdown_table
+from dialclip_ray.evaluation.metrics import markdown_table
 
 
 def parse_named(specs: list[str]) -> dict[str, str]:
@@ -32,15 +32,15 @@ def evaluate_checkpoints(checkpoints: dict[str, str], data: str, split: str = "t
     for name, path in checkpoints.items():
         t0 = time.time()
         if distributed:
-            from .evaluation_ray import evaluate_with_ray
-            from .ray_utils import ensure_ray
+            from dialclip_ray.evaluation.distributed import evaluate_with_ray
+            from dialclip_ray.runtime import ensure_ray
 
             ensure_ray(num_cpus=max(2, actors))
             res = evaluate_with_ray(path, data, split, actors, batch_size, max_examples)
         else:
-            from .checkpoint import load_checkpoint
-            from .data.dataset import CanonicalDataset
-            from .evaluation import evaluate_model
+            from dialclip_ray.model.checkpoint import load_checkpoint
+            from dialclip_ray.data.dataset import CanonicalDataset
+            from dialclip_ray.evaluation.local import evaluate_model
 
             model, backbone, _ = load_checkpoint(path)
             res = evaluate_model(model, backbone, CanonicalDataset.load(data), split, batch_size=batch_size,

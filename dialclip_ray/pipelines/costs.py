@@ -13,8 +13,8 @@ import time
 
 import torch
 
-from .batch import QueryBatch, TrainBatch
-from .text import tokenize_dialog, tokenize_texts
+from dialclip_ray.model.batch import QueryBatch, TrainBatch
+from dialclip_ray.model.text import tokenize_dialog, tokenize_texts
 
 WORDS = "red blue green circle square star beach park night small large two three photo look".split()
 

@@ -1,0 +1,119 @@
+"""The index build job: embed prepared corpora with a checkpoint (Ray Data) and write a serving index.
+
+Every image and text id of the corpora is embedded by an actor pool of encoders
+(``evaluation.distributed``) and written with ``layout.write_index``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dialclip_ray.fsio import replace_dir
+from dialclip_ray.data.schema import read_meta
+from dialclip_ray.index.manifest import IndexManifest, atomic_write_text
+
+from dialclip_ray.index.layout import TARGETS, IndexLayout, checkpoint_identity, write_index
+
+
+@dataclass
+class _Items:
+    ids: list[str] = field(default_factory=list)
+    owner: list[int] = field(default_factory=list)      # index into corpus_dirs
+    meta: dict[str, list] = field(default_factory=dict)
+
+
+def collect_items(corpus_dirs: Sequence[Path], target: str) -> _Items:
+    """Every image (or text) id of the prepared dataset dirs, first occurrence wins."""
+    items, seen = _Items(), set()
+    for c, directory in enumerate(corpus_dirs):
+        source = read_meta(directory).get("source", "")
+        if target == "image":
+            table = pq.read_table(directory / "images.parquet", columns=["image_id", "path"])
+            ids, extra = table.column("image_id").to_pylist(), {"path": table.column("path").to_pylist()}
+        else:
+            table = pq.read_table(directory / "texts.parquet", columns=["text_id", "text"])
+            ids, extra = table.column("text_id").to_pylist(), {"text": table.column("text").to_pylist()}
+        for row, item in enumerate(ids):
+            if item in seen:
+                continue
+            seen.add(item)
+            items.ids.append(item)
+            items.owner.append(c)
+            for name, values in {**extra, "source": None}.items():
+                items.meta.setdefault(name, []).append(source if values is None else values[row])
+    return items
+
+
+def embed_items(checkpoint: str, corpus_dirs: Sequence[Path], target: str, items: _Items, actors: int,
+                batch_size: int) -> np.ndarray:
+    """Vectors for ``items`` in order, each corpus's ids embedded by a Ray Data encoder pool."""
+    from dialclip_ray.evaluation.distributed import embed_with_ray
+
+    out: np.ndarray | None = None
+    owner = np.asarray(items.owner)
+    for c, directory in enumerate(corpus_dirs):
+        rows = np.flatnonzero(owner == c)
+        if not len(rows):
+            continue
+        vecs = embed_with_ray(checkpoint, str(directory), target, [items.ids[r] for r in rows], None, actors,
+                              batch_size)
+        if out is None:
+            out = np.zeros((len(items.ids), vecs.shape[1]), np.float32)
+        out[rows] = vecs
+    assert out is not None
+    return out
+
+
+def build_index(checkpoint: str | os.PathLike, corpus_dirs: Sequence[str | os.PathLike], out: str | os.PathLike,
+                shards: int = 1, kind: str = "flat", params: dict[str, Any] | None = None, actors: int = 2,
+                target_types: Sequence[str] = TARGETS, batch_size: int = 64, overwrite: bool = False,
+                use_gpu: bool | None = None) -> IndexLayout:
+    """Embed every image/text of ``corpus_dirs`` with ``checkpoint`` and write ``OUT/{image,text}/``.
+
+    Needs a running Ray (``ray_utils.ensure_ray``). A modality with fewer items than
+    ``shards`` gets one shard per item; a modality absent from every corpus is skipped.
+    """
+    from tqdm.auto import tqdm
+
+    from dialclip_ray.index import validate_params
+
+    out = Path(out).resolve()
+    checkpoint = str(Path(checkpoint).resolve())
+    dirs = [Path(d).resolve() for d in corpus_dirs]
+    if not dirs:
+        raise ValueError("build_index needs at least one --corpus directory")
+    bad = [t for t in target_types if t not in TARGETS]
+    if bad or not target_types:
+        raise ValueError(f"target_types must be a non-empty subset of {TARGETS}, got {list(target_types)}")
+    if shards < 1:
+        raise ValueError(f"shards must be >= 1, got {shards}")
+    validate_params(kind, params)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists (pass overwrite=True / --overwrite to replace it)")
+    identity = checkpoint_identity(checkpoint)
+    corpora = []
+    for d in dirs:
+        meta = read_meta(d)
+        corpora.append({"dir": str(d), "source": meta.get("source", ""), "image_root": meta.get("image_root")})
+    modalities = {}
+    for target in tqdm(list(target_types), desc="embedding modalities", disable=None):
+        items = collect_items(dirs, target)
+        if items.ids:
+            vectors = embed_items(checkpoint, dirs, target, items, actors, batch_size)
+            metadata = pa.table({name: pa.array(values, pa.string()) for name, values in items.meta.items()})
+            modalities[target] = (items.ids, vectors, metadata)
+    if not modalities:
+        raise ValueError(f"no {' or '.join(target_types)} items in {[str(d) for d in dirs]}")
+    return write_index(out, modalities, identity, shards, kind, params, corpora, checkpoint, overwrite, use_gpu)
