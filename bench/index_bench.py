@@ -27,6 +27,7 @@ import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
+from dialclip_ray.fsio import atomic_write_text  # noqa: E402
 from dialclip_ray.index import ShardedIndex, build_sharded_index  # noqa: E402
 from dialclip_ray.index.factory import add_vectors, resolve_use_gpu, set_search_params, to_gpu, train_template  # noqa: E402
 
@@ -204,7 +205,7 @@ def main() -> None:
     for n in tqdm(args.sizes, desc="sizes", disable=None):
         print(f"== {n:,} x {args.dim}", flush=True)
         sizes.append(bench_size(n, args, use_gpu))
-    report = {"command": "python " + " ".join(sys.argv), "device": device, "platform": platform.platform(),
+    report = {"command": "python bench/index_bench.py " + " ".join(sys.argv[1:]), "device": device, "platform": platform.platform(),
               "dim": args.dim, "queries": args.queries, "use_gpu": use_gpu, "sizes": sizes,
               "total_s": time.perf_counter() - t0,
               "notes": ["nlist = 2^round(log2(sqrt(N))), trained on 64 points per centroid; ivfpq m=64 x 8 bits "
@@ -216,9 +217,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     stem = "index_bench" + ("_gpu" if use_gpu else "") + ("_quick" if args.quick else "")
     for suffix, text in ((".json", json.dumps(report, indent=2)), (".md", to_markdown(report))):
-        tmp = out / f".{stem}{suffix}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, out / f"{stem}{suffix}")
+        atomic_write_text(out / f"{stem}{suffix}", text)
     plot(report, out / f"{stem}.png")
     print(to_markdown(report))
 

@@ -31,8 +31,6 @@ from pathlib import Path
 
 import numpy as np
 
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-
 WORDS = ("dog cat beach pizza sunset mountain car birthday cake guitar coffee rain city train flower baby "
          "party snow garden book lake bike friend photo look this my new today yesterday weekend").split()
 
@@ -214,14 +212,17 @@ def main() -> int:
     from tqdm.auto import tqdm
 
     from dialclip_ray.index.layout import checkpoint_identity
-    from dialclip_ray.serving.app import build_app, model_embed_dim
+    from dialclip_ray.model.backbone import backbone_geometry
+    from dialclip_ray.runtime import disable_usage_stats
+    from dialclip_ray.serving.app import build_app
 
-    dim = model_embed_dim(model)
+    dim = backbone_geometry(model).embed_dim
     ckpt = make_checkpoint(work, model)
     identity = checkpoint_identity(ckpt)
     bodies = dialogs(64, args.k)
+    disable_usage_stats()  # this bench sizes its own cluster (--ray-cpus) so runs stay comparable
     ray.init(num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}})
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     runs = []

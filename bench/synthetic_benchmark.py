@@ -1,11 +1,40 @@
-"""The synthetic benchmark: DialCLIP vs zero-shot CLIP, full fine-tuning and three ablations.
+"""The synthetic benchmark: does prompt tuning beat the CLIP we already have? With confidence intervals.
 
-Same corpus, same locally pretrained small CLIP, same epochs and seed for every
-variant; each is trained with Ray Train and scored on the test splits (PhotoChat
-protocol: all 1,000 test photos; MMDialog protocol: 999 negatives + target).
-Writes bench/results/synthetic_benchmark.{json,md,png}.
+Variants (model presets of the same name, ``dialclip`` = the default preset): zeroshot, finetune,
+dialclip, gated, paper-budget and the ablations no-context, no-domain, single-expert. Every variant
+gets the same corpus, the same locally pretrained small CLIP, the same learning-rate grid on the
+same proxy budget, and the same training budget; each is scored on every test query, and
+differences are tested pairwise on the same queries. The reusable parts live in
+``dialclip_ray.pipelines.benchmark``; this file only wires the stages:
 
-    python bench/synthetic_benchmark.py [--dialogs 10000] [--epochs 4] [--workers 2]
+  [1] corpus      generate + prepare at the real protocols' sizes (BENCH_CORPUS)
+  [2] backbone    pretrain dialclip-small on the corpus captions (cached by config + corpus)
+  [3] features    the frozen feature store of each dataset (context turn and image embeddings)
+  [4] lr          per trained variant: one proxy run per learning rate of LR_GRID, best validation Sum
+  [5] train+rank  per variant and seed: train (best-validation-Sum epoch kept), then rank every test query
+  [6] results     bootstrap statistics -> bench/results/synthetic_benchmark.{json,md,png}
+
+Time plan (2 quiet CPU cores; the whole run must fit in 100 minutes):
+
+  stage                                          budget   measured / basis
+  [1] corpus (4,000/500/1,000 PhotoChat-style        2 min   generate+prepare 124 s wall at load 7-10,
+      dialogs, 2,800/360/720 MMDialog-style                  54 CPU s (45,213 images)
+      conversations, 30,000 caption images)
+  [2] backbone (dialclip-small, 922 steps)          25 min   see bench/results/pretrain_small_clip.json
+  [3] features: 2 stores for the backbone           2 min   estimate: ~40k turn texts + ~15k images, frozen
+  [4] lr: 7 variants x 3 lrs, 1 epoch on            11 min   ~30 s per proxy run incl. Ray start
+      600 examples per dataset and type, 200 val
+  [5] train: 13 runs (dialclip, gated, finetune     39 min   3 min per run: 6 epochs x 4,000 examples per
+      x 3 seeds; 4 ablations x 1) + zeroshot                 dataset and type, with the frozen feature store
+      rank: 14 models x ~10,250 test queries        17 min   ~70 s per model (27,003 text + 2,502 image
+                                                             candidates to embed, 10,246 queries)
+  [6] statistics and files                           1 min   10,000 bootstrap replicates per estimate
+  total                                             97 min
+
+``--quick`` runs every stage on a tiny corpus (dialclip-micro backbone, 1 epoch, 1 seed, a
+two-point grid) to prove the pipeline; it writes ``synthetic_benchmark_quick.*``.
+
+    python bench/synthetic_benchmark.py [--quick] [--epochs 6] [--seeds 3] [--ablation-seeds 1]
 """
 
 from __future__ import annotations
@@ -13,102 +42,147 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+from dialclip_ray.model.config import BackboneConfig
+from dialclip_ray.pipelines import benchmark as B
+from dialclip_ray.pipelines.experiments import ensure_corpus, ensure_small_clip, variant_config
 
-from dialclip_ray.model.checkpoint import load_checkpoint  # noqa: E402
-from dialclip_ray.model.config import BackboneConfig  # noqa: E402
-from dialclip_ray.data.dataset import CanonicalDataset  # noqa: E402
-from dialclip_ray.evaluation.local import evaluate_model  # noqa: E402
-from dialclip_ray.pipelines.experiments import VARIANTS, ensure_corpus, ensure_small_clip, variant_config  # noqa: E402
-from dialclip_ray.train.run import run_training  # noqa: E402
-
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(__file__).resolve().parent / "results"
+HEADLINE = ("zeroshot", "finetune", "dialclip", "gated")  # --seeds seeds each; the others --ablation-seeds
+ALL = ("zeroshot", "finetune", "dialclip", "gated", "paper-budget", "no-context", "no-domain", "single-expert")
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dialogs", type=int, default=10000)
-    ap.add_argument("--epochs", type=int, default=4)
-    ap.add_argument("--pretrain-epochs", type=int, default=6)
+    ap.add_argument("--quick", action="store_true", help="tiny sizes, 1 epoch, 1 seed: proves the pipeline")
+    ap.add_argument("--variants", default=",".join(ALL))
+    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--seeds", type=int, default=3, help=f"seeds for {', '.join(HEADLINE)}")
+    ap.add_argument("--ablation-seeds", type=int, default=1)
+    ap.add_argument("--max-train", type=int, default=4000, help="training examples per dataset and type")
+    ap.add_argument("--max-val", type=int, default=300)
+    ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--max-train", type=int, default=None, help="cap training examples per dataset and type")
+    ap.add_argument("--lr-grid", default=",".join(f"{x:g}" for x in B.LR_GRID))
+    ap.add_argument("--proxy-train", type=int, default=600, help="proxy runs: training examples per dataset/type")
+    ap.add_argument("--proxy-val", type=int, default=200)
+    ap.add_argument("--proxy-epochs", type=int, default=1)
+    ap.add_argument("--features", default="auto", choices=("auto", "require", "off"),
+                    help="frozen feature store mode for ranking")
     ap.add_argument("--cache", default="runs/cache")
-    ap.add_argument("--variants", default=",".join(VARIANTS))
-    ap.add_argument("--out", default=str(RESULTS / "synthetic_benchmark"))
-    args = ap.parse_args()
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.epochs, args.seeds, args.ablation_seeds = 1, 1, 1
+        args.max_train, args.max_val, args.proxy_train, args.proxy_val = 48, 32, 24, 24
+        args.lr_grid = "0.002,0.005"
+    args.out = args.out or str(RESULTS / ("synthetic_benchmark_quick" if args.quick else "synthetic_benchmark"))
+    return args
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    variants = [v for v in args.variants.split(",") if v]
+    for v in variants:  # a missing preset is a clear error now, not after an hour of training
+        B.check_variant(v)
+    grid = [float(x) for x in args.lr_grid.split(",")]
     cache = Path(args.cache)
-    corpus = ensure_corpus(cache, args.dialogs)
-    clip = ensure_small_clip(corpus, cache, epochs=args.pretrain_epochs)
-    backbone = BackboneConfig(model_name="dialclip-tiny", pretrained=str(clip.path))
-    rows = {}
-    for variant in args.variants.split(","):
-        cfg = variant_config(variant, corpus, backbone, cache / "bench_runs", args.epochs, args.workers,
-                             max_train_examples=args.max_train)
-        t0 = time.time()
-        outcome = run_training(cfg)
-        train_s = time.time() - t0
-        model, bb, meta = load_checkpoint(outcome.best)
-        scores = {}
-        for name, path in (("photochat", corpus.photochat), ("mmdialog", corpus.mmdialog)):
-            res = evaluate_model(model, bb, CanonicalDataset.load(path), "test", batch_size=128)
-            scores.update({f"{name}/{rtype}": m for rtype, m in res["per_type"].items()})
-        last = outcome.history[-1] if outcome.history else {}
-        rows[variant] = {"scores": scores, "trainable_params": meta["params"]["trainable"],
-                         "trainable_percent": meta["params"]["percent"], "train_seconds": train_s,
-                         "peak_rss_mb": last.get("peak_rss_mb"), "best_epoch": meta["extra"].get("epoch"),
-                         "history": outcome.history, "run": str(outcome.run_dir)}
-        print(variant, {k: round(v["Sum"], 2) for k, v in scores.items()}, f"{train_s:.0f}s", flush=True)
-    report = {"dialogs": args.dialogs, "epochs": args.epochs, "workers": args.workers,
-              "pretrained_clip": {"path": str(clip.path), "metrics": clip.meta.get("metrics")},
-              "variants": rows, "command": "python bench/synthetic_benchmark.py " + " ".join(
-                  f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "cache"))}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    out.with_suffix(".md").write_text(markdown(report))
-    bar_chart(report, out.with_suffix(".png"))
-    print(markdown(report))
+    corpus_spec = B.QUICK_CORPUS if args.quick else B.BENCH_CORPUS
+    backbone_spec = B.QUICK_BACKBONE if args.quick else B.BACKBONE
+    progress = B.Progress(6)
+    load_start = os.getloadavg()
+
+    progress("corpus: generate + prepare " + json.dumps({k: v for k, v in corpus_spec.items() if k != "dialogs"}))
+    spec = dict(corpus_spec)
+    corpus = ensure_corpus(cache, spec.pop("dialogs"), 0, 64, **spec)
+    counts = json.loads((corpus.raw / "synth_meta.json").read_text())["counts"]
+
+    progress(f"backbone: pretrain {backbone_spec['model_name']} on the corpus captions (Ray Train)")
+    clip = ensure_small_clip(corpus, cache, workers=args.workers, **backbone_spec)
+    backbone = BackboneConfig(model_name=backbone_spec["model_name"], pretrained=str(clip.path))
+    facts = B.backbone_facts(clip)
+    print(f"    {'reused' if clip.cached else 'trained'}: held-out caption->image R@1 "
+          f"{facts['heldout_caption_to_image_R@1']:.1f}% among {facts['heldout_pool']} photos", flush=True)
+
+    def make_config(variant: str, lr: float, proxy: bool = False, seed: int = 0):
+        return variant_config(
+            variant, corpus, backbone, cache / ("bench_lr" if proxy else "bench_runs"),
+            args.proxy_epochs if proxy else args.epochs, args.workers, seed=seed, batch_size=args.batch_size,
+            lr=lr, finetune_lr=lr / 20, max_train_examples=args.proxy_train if proxy else args.max_train,
+            max_val_examples=args.proxy_val if proxy else args.max_val)
+
+    progress("features: the frozen feature store of each dataset for this backbone (context turns, images)")
+    from dialclip_ray.features.store import ensure_store
+
+    for path in (corpus.photochat, corpus.mmdialog):
+        ensure_store(path, make_config("dialclip", grid[0]).model, args.features)
+
+    progress(f"lr: {len(grid)}-point grid {grid} per trained variant, proxy {args.proxy_epochs} epoch(s) on "
+             f"{args.proxy_train} examples per dataset and type")
+    lrs = {}
+    for v in variants:
+        if v != "zeroshot":
+            lrs[v] = B.select_lr(v, make_config, grid, log=lambda s: print(s, flush=True))
+
+    progress("train + rank: " + ", ".join(f"{v} x {seeds_of(v, args)}" for v in variants))
+    from dialclip_ray.model.checkpoint import load_checkpoint
+    from dialclip_ray.train.run import run_training
+
+    runs = B.BenchmarkRuns()
+    seeds_used = {}
+    for v in variants:
+        seeds_used[v] = list(range(seeds_of(v, args)))
+        for seed in seeds_used[v]:
+            lr = lrs.get(v, {}).get("lr", grid[len(grid) // 2])
+            outcome = run_training(make_config(v, lr, seed=seed))
+            t0 = time.time()
+            model, bb, meta = load_checkpoint(outcome.best)
+            for name, path in (("photochat", corpus.photochat), ("mmdialog", corpus.mmdialog)):
+                runs.add(v, seed, name, B.rank_queries(model, bb, path, "test", features=args.features))
+            rank_s = time.time() - t0
+            runs.runs.setdefault(v, {})[seed] = {
+                "lr": lr, "trainable_params": meta["params"]["trainable"],
+                "trainable_percent": meta["params"]["percent"], "best_epoch": meta["extra"].get("epoch"),
+                "val_sum": outcome.best_metrics.get("val_sum"), "train_seconds": round(outcome.wall_seconds, 1),
+                "rank_seconds": round(rank_s, 1), "run": B.rel(outcome.run_dir)}
+            sums = {f"{d}/{t}": round(float(B.stats.per_query_metrics(q[seed].ranks)["Sum"].mean()), 1)
+                    for (vv, d, t), q in runs.ranks.items() if vv == v}
+            print(f"    {v} seed {seed}: lr {lr:g}, best epoch {meta['extra'].get('epoch')}, test Sum {sums} "
+                  f"(train {outcome.wall_seconds:.0f}s, rank {rank_s:.0f}s)", flush=True)
+
+    progress("results: bootstrap statistics and files")
+    command = "python bench/synthetic_benchmark.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    protocol = {
+        "command": command.strip(), "quick": args.quick, "seeds": seeds_used,
+        "note_seeds": "zeroshot trains nothing and ranks deterministically: one seed is the whole distribution",
+        "epochs": args.epochs, "selection": "checkpoint of the epoch with the best validation Sum (mean over types)",
+        "max_train_examples_per_dataset_and_type": args.max_train, "max_val_examples": args.max_val,
+        "batch_size": args.batch_size, "workers": args.workers,
+        "lr_selection": {"grid": grid, "proxy_epochs": args.proxy_epochs, "proxy_train": args.proxy_train,
+                         "proxy_val": args.proxy_val, "finetune_backbone_lr": "lr / 20", "chosen": lrs},
+        "corpus": {"dir": B.rel(corpus.raw.parent), **{k: v for k, v in corpus_spec.items()}, "counts": counts},
+        "test_protocols": {"photochat": "each test dialog against all test photos",
+                           "mmdialog": "each test target against its own 999 negatives + the target"},
+        "statistics": {"n_boot": B.stats.N_BOOT, "ci": "95% percentile bootstrap; seeds then queries",
+                       "comparisons": "paired bootstrap on the same queries (a - b)"},
+        "stage_seconds": progress.seconds, "load_average_start": load_start, "load_average_end": os.getloadavg(),
+    }
+    progress.close()
+    protocol["stage_seconds"] = progress.seconds
+    report = B.write_results(args.out, runs, facts, protocol)
+    print(B.markdown(report))
+    print(f"wrote {B.rel(Path(args.out).with_suffix('.json'))} (.md, .png) in {time.time() - progress.t0:.0f}s")
+    return 0
 
 
-def markdown(report: dict) -> str:
-    tasks = sorted({t for r in report["variants"].values() for t in r["scores"]})
-    head = "| variant | " + " | ".join(f"{t} R@1 / Sum" for t in tasks) + " | trainable | % | train s |"
-    lines = [head, "|---|" + "---:|" * (len(tasks) + 3)]
-    for name, r in report["variants"].items():
-        cells = [f"{r['scores'][t]['R@1']:.1f} / {r['scores'][t]['Sum']:.1f}" if t in r["scores"] else "-"
-                 for t in tasks]
-        lines.append(f"| {name} | " + " | ".join(cells) +
-                     f" | {r['trainable_params']:,} | {r['trainable_percent']:.3f} | {r['train_seconds']:.0f} |")
-    return "\n".join(lines) + f"\n\n{report['dialogs']} dialogs, {report['epochs']} epochs, " \
-                              f"{report['workers']} Ray Train workers. `{report['command']}`\n"
-
-
-def bar_chart(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    names = list(report["variants"])
-    tasks = sorted({t for r in report["variants"].values() for t in r["scores"]})
-    fig, ax = plt.subplots(figsize=(10, 4))
-    width = 0.8 / max(1, len(tasks))
-    for i, task in enumerate(tasks):
-        vals = [report["variants"][n]["scores"].get(task, {}).get("Sum", 0) for n in names]
-        ax.bar(np.arange(len(names)) + i * width, vals, width, label=task)
-    ax.set_xticks(np.arange(len(names)) + width * (len(tasks) - 1) / 2, names)
-    ax.set_ylabel("Sum = R@1 + R@5 + R@10 (test)")
-    ax.set_title("Synthetic benchmark")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+def seeds_of(variant: str, args: argparse.Namespace) -> int:
+    if variant == "zeroshot":
+        return 1
+    return args.seeds if variant in HEADLINE else args.ablation_seeds
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,4 +1,4 @@
-"""Is the synthetic retrieval task a fair test? Numbers for design.md 3.4.
+"""Is the synthetic retrieval task a fair test? Numbers for README, "Is the synthetic task a fair test?".
 
 Text-only bag-of-words matchers (TF-IDF cosine and word overlap) rank candidate
 images by their attribute caption (the image's text stand-in). On the
@@ -6,13 +6,18 @@ PhotoChat-style test split (1,000 candidates) a matcher that sees only the last
 turn before the share should fail and one that sees the whole context should
 do well; on the MMDialog-style test split targets that need an earlier image
 should defeat text matching, while adding the earlier images' captions
-("image-aware oracle") recovers them. Also: context lengths in CLIP ViT-B-32
+("image-aware oracle") recovers them. MMDialog-style reply (text) targets and
+image targets are scored per query view (the last turn, the newest 77 tokens, the
+whole text context, plus context-image captions, plus an object oracle) and grouped
+by reply kind and by where the reply's values are (truth sidecar): replies must not
+be predictable from the last turn alone, but from the context. Also: context lengths in CLIP ViT-B-32
 BPE tokens against the 77-token window, for the synthetic data and the real
 PhotoChat sample. The generated JSON is read with the project's own loaders
 (dialclip_ray.data.photochat / mmdialog). Ties are scored at their expected
 rank under random tie-breaking.
 
     python bench/synthetic_fairness.py [--root CORPUS | --dialogs 10000 --seed 0]
+    python bench/synthetic_fairness.py --root runs/cache/synth-pc4000-500-1000-mm2800-360-720-cap30000-s0-64px/raw
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from dialclip_ray.data.mmdialog import load_mmdialog  # noqa: E402
 from dialclip_ray.data.photochat import load_photochat  # noqa: E402
 from dialclip_ray.data.synthetic import Scene, attribute_caption, differing, generate  # noqa: E402
 from dialclip_ray.data.synthetic.vocab import (BACKGROUND_WORDS, COLOUR_WORDS, SHAPE_WORDS,  # noqa: E402
-                                               SIZE_WORDS)
+                                               SIZE_WORDS, attribute_words)
 from dialclip_ray.model.text import token_length  # noqa: E402
 
 KS = (1, 5, 10)
@@ -219,13 +224,136 @@ def mmdialog_part(root: Path, truth: dict) -> tuple[dict, list[list[str]]]:
     return res, contexts
 
 
+def _content_vocabulary() -> set[str]:
+    """Canonical attribute words: what a reply's content is made of. Template words (``here's how they
+    turned out``) say which dialog act a text is, not what it is about; a bag-of-words over them
+    matches templates, not replies (and so do anchor words like "sister", shared by one twelfth of
+    all objects)."""
+    return {SYNONYMS.get(w, w) for w in attribute_words()}
+
+
+class SparseTfidf:
+    """TF-IDF (+synonyms) vectors of many texts, kept sparse; dense blocks are built per candidate list.
+    With ``content`` only those words count (see ``_content_vocabulary``)."""
+
+    def __init__(self, texts: dict[str, str], content: set[str] | None = None) -> None:
+        self.content = content
+        toks = {k: self._words(v) for k, v in texts.items()}
+        df = Counter(w for t in toks.values() for w in set(t))
+        self.vocab = {w: i for i, w in enumerate(sorted(df))}
+        n = len(texts)
+        self.idf = np.array([math.log((1 + n) / (1 + df[w])) + 1 for w in self.vocab])
+        self.docs = {k: self._sparse(t) for k, t in toks.items()}
+
+    def _words(self, text: str) -> list[str]:
+        toks = words(text, canonical=True)
+        return toks if self.content is None else [w for w in toks if w in self.content]
+
+    def _sparse(self, toks: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        counts = Counter(w for w in toks if w in self.vocab)
+        idx = np.array([self.vocab[w] for w in counts], dtype=np.int64)
+        val = np.array([c * self.idf[self.vocab[w]] for w, c in counts.items()])
+        norm = np.linalg.norm(val)
+        return idx, (val / norm if norm else val)
+
+    def query(self, text: str) -> np.ndarray:
+        q = np.zeros(len(self.vocab))
+        idx, val = self._sparse(self._words(text))
+        q[idx] = val
+        return q
+
+    def block(self, ids: list[str]) -> np.ndarray:
+        out = np.zeros((len(ids), len(self.vocab)))
+        for i, k in enumerate(ids):
+            idx, val = self.docs[k]
+            out[i, idx] = val
+        return out
+
+
+def _mean_hits(hits: list[dict[int, float]]) -> dict[str, float]:
+    n = max(1, len(hits))
+    out = {f"R@{k}": round(100 * sum(h[k] for h in hits) / n, 2) for k in KS}
+    out["Sum"] = round(sum(out.values()), 2)
+    out["n"] = len(hits)
+    return out
+
+
+def _views(tokenizer, context: list[str], current: str, captions: list[str], oracle: str | None) -> dict[str, str]:
+    """The query text each matcher sees: the last turn, the newest 77 tokens, the whole text context,
+    the whole context with every context image replaced by its attribute caption (image-aware), and
+    (text targets) only the turns about the reply's object, its photo as a caption (object oracle)."""
+    turns = context + ([current] if current else [])
+    out = {"last_turn": turns[-1] if turns else "",
+           "newest_77_tokens": " ".join(newest_within(tokenizer, turns, CLIP_WINDOW - 2)),
+           "whole_context": " ".join(turns),
+           "whole_context+image_captions": " ".join(turns + captions)}
+    if oracle is not None:
+        out["object_oracle"] = oracle
+    return out
+
+
+VIEWS = ("last_turn", "newest_77_tokens", "whole_context", "whole_context+image_captions", "object_oracle")
+
+
+def mmdialog_views(root: Path, tokenizer, truth: dict) -> dict:
+    """TF-IDF+synonyms R@k per query view for MMDialog-style test targets, image and text (each ranked
+    against its own 999 negatives), grouped by what the target needs (truth sidecar)."""
+    src = load_mmdialog(root / "mmdialog" / "test", progress=False)
+    images = truth["mmdialog"]["images"]
+    img_need = {t["media_key"]: "needs_earlier_image" if t["needs_earlier_image"] else "self_described"
+                for t in truth["mmdialog"]["targets"] if t["split"] == "test"}
+    text_info = {(str(t["conversation_id"]), t["turn"], t["item"]): t
+                 for t in truth["mmdialog"].get("text_targets", []) if t["split"] == "test"}
+    caption = {k: attribute_caption(Scene(*v)) for k, v in images.items()}
+    img_bow = SparseTfidf(caption)
+    txt_bow = SparseTfidf(src.texts, _content_vocabulary())
+    hits: dict[str, dict[str, dict[str, list]]] = {"image": {}, "text": {}}
+    outside: list[bool] = []  # attribute-naming replies: is a turn that names their values outside the window?
+    for r in src.examples:
+        ttype = r["target_type"]
+        oracle = None
+        context = [t["text"] for t in r["context"]]
+        caps = [caption[i] for t in r["context"] for i in t["image_ids"]]
+        if ttype == "image":
+            groups = ["all", img_need.get(r["target_id"], "unknown")]
+            bow = img_bow
+        else:
+            _, _, cid, turn, item = r["id"].split("/")
+            info = text_info.get((cid, int(turn), int(item)))
+            groups = ["all"] + ([f"kind={info['kind']}", f"grounding={info['grounding']}"] if info else [])
+            if info and info.get("attributes"):
+                groups.append("names_attributes")
+            bow = txt_bow
+            oracle = None
+            if info and "source_turns" in info:  # what binding the reply to its object gives
+                parts = [context[u] for u in info["source_turns"]]
+                if info["source_image_turn"] is not None:
+                    parts += [caption[i] for i in r["context"][info["source_image_turn"]]["image_ids"]]
+                oracle = " ".join(parts)
+                if info["source_turns"]:
+                    kept = len(newest_within(tokenizer, context, CLIP_WINDOW - 2))
+                    outside.append(min(info["source_turns"]) < len(context) - kept)
+        block = bow.block(r["candidates"])
+        target = r["candidates"].index(r["target_id"])
+        for view, text in _views(tokenizer, context, r["current_text"] if ttype == "image" else "", caps,
+                                 oracle if ttype == "text" else None).items():
+            h = expected_hits(block @ bow.query(text), target)
+            for g in groups:
+                hits[ttype].setdefault(g, {}).setdefault(view, []).append(h)
+    out: dict = {ttype: {g: {v: _mean_hits(h) for v, h in views.items()} for g, views in sorted(by_group.items())}
+                 for ttype, by_group in hits.items()}
+    out["replies_with_a_source_turn_outside_77_tokens"] = {
+        "share": round(float(np.mean(outside)), 3) if outside else None, "n": len(outside)}
+    return out
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.2))
+    fig, (a, c, b) = plt.subplots(1, 3, figsize=(18, 4.6))
     m = result["photochat_test"]["matchers"]
     names = list(m)
     a.bar(names, [m[n]["tfidf"]["R@1"] for n in names], color="#4c72b0", label="TF-IDF R@1")
@@ -240,6 +368,18 @@ def plot(result: dict, path: Path) -> None:
     a.set_title("Bag-of-words text matchers (1,000 candidates)")
     a.tick_params(axis="x", rotation=35)
     a.legend(fontsize=8)
+    views = result.get("mmdialog_test_by_view", {})
+    groups = [("image", "all", "MM photos"), ("text", "all", "MM replies: all"),
+              ("text", "names_attributes", "MM replies naming values"), ("text", "kind=answer", "MM answers")]
+    groups = [g for g in groups if g[1] in views.get(g[0], {})]
+    width = 0.8 / len(VIEWS)
+    for i, view in enumerate(VIEWS):
+        vals = [views[t][g].get(view, {}).get("R@1", 0.0) for t, g, _ in groups]
+        c.bar(np.arange(len(groups)) + i * width, vals, width, label=view)
+    c.set_xticks(np.arange(len(groups)) + width * (len(VIEWS) - 1) / 2, [lab for _, _, lab in groups], fontsize=8)
+    c.set_ylabel("TF-IDF+synonyms R@1 (%), 999 negatives each")
+    c.set_title("MMDialog-style test targets by what the matcher sees")
+    c.legend(fontsize=7)
     for name, stats in result["token_lengths"].items():
         b.hist(stats["lengths"], bins=40, alpha=0.5, density=True, label=f"{name} (n={stats['n']})")
     b.axvline(CLIP_WINDOW, color="k", ls="--", label="CLIP window (77)")
@@ -277,6 +417,20 @@ def markdown(r: dict) -> str:
                     ("self-described, whole text context", w["self_described"]),
                     ("self-described, current turn only", c["self_described"])]:
         lines.append(f"| {name} (n={v['n']}) | {v['R@1']} | {v['R@5']} | {v['R@10']} |")
+    lines += ["", "MMDialog-style test targets, each against its own 999 negatives: TF-IDF+synonyms R@1 / R@10 "
+              "by what the query sees (text targets are ranked by their text; image targets by their attribute "
+              "caption; the last view adds the attribute captions of the context's images):", "",
+              "| targets | n | " + " | ".join(VIEWS) + " |", "|---|---|" + "---|" * len(VIEWS)]
+    by_view = r.get("mmdialog_test_by_view", {})
+    for ttype in ("image", "text"):
+        for g, views in by_view.get(ttype, {}).items():
+            n = next(iter(views.values()))["n"]
+            lines.append(f"| {ttype}: {g} | {n} | " + " | ".join(
+                f"{views[v]['R@1']} / {views[v]['R@10']}" if v in views else "-" for v in VIEWS) + " |")
+    far = by_view.get("replies_with_a_source_turn_outside_77_tokens", {})
+    if far.get("n"):
+        lines += ["", f"Of the {far['n']} reply targets that name attributes of an earlier object, "
+                  f"{100 * far['share']:.1f}% have a turn naming one of those values outside the newest 77 tokens."]
     lines += ["", "Context length in CLIP ViT-B-32 BPE tokens (incl. SOT/EOT):", "",
               "| data | n | median | p90 | max | share > 77 |", "|---|---|---|---|---|---|"]
     for name, s in r["token_lengths"].items():
@@ -286,7 +440,12 @@ def markdown(r: dict) -> str:
               "newest whole turns that fit in the window (what zero-shot CLIP sees); `sharer_turns_only` drops the "
               "other speaker's distractors; `TF-IDF+synonyms` maps synonyms to the caption's canonical words (what a "
               "CLIP trained on the varied captions can learn). The image-aware oracle adds the earlier image's "
-              "background (\"same place\") or colour (\"same colour\") word, i.e. what looking at that image gives.",
+              "background (\"same place\") or colour (\"same colour\") word, i.e. what looking at that image gives. "
+              "Reply (text) targets are matched on attribute words only (template words say which dialog act a "
+              "text is, not what it is about); `object_oracle` sees only the context turns that name the reply's "
+              "object (and its photo as a caption): what binding the reply to the right object gives, the "
+              "upper end of what the context determines. Kinds and groundings come from the generator's truth "
+              "sidecar (`text_targets`).",
               f"Command: `{r['command']}`", ""]
     return "\n".join(lines)
 
@@ -311,6 +470,7 @@ def main(argv: list[str] | None = None) -> int:
         truth = json.loads((root / "synth_truth.json").read_text())
         pc, pc_contexts = photochat_part(root, tokenizer, truth)
         mm, mm_contexts = mmdialog_part(root, truth)
+        mm_views = mmdialog_views(root, tokenizer, truth)
     lengths = {"synthetic PhotoChat test": length_stats(tokenizer, pc_contexts),
                "synthetic MMDialog test (image targets)": length_stats(tokenizer, mm_contexts)}
     sample = REPO.parent / "shared" / "data" / "photochat-sample"
@@ -320,7 +480,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {"dialogs": meta["dialogs"], "seed": meta["seed"], "generator_version": meta["version"],
               "loaders": "dialclip_ray.data.photochat.load_photochat, dialclip_ray.data.mmdialog.load_mmdialog",
               "command": "python bench/synthetic_fairness.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "photochat_test": pc, "mmdialog_test": mm, "token_lengths": lengths}
+              "photochat_test": pc, "mmdialog_test": mm, "mmdialog_test_by_view": mm_views,
+              "token_lengths": lengths}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     plot(result, out / "synthetic_fairness.png")

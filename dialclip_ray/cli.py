@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 
 # command group -> module defining register(subparsers)
 COMMANDS: dict[str, str] = {
     "model": "dialclip_ray.commands.model_cmd",
     "data": "dialclip_ray.commands.data_cmd",
+    "features": "dialclip_ray.commands.features_cmd",
     "pretrain": "dialclip_ray.commands.pretrain_cmd",
     "train": "dialclip_ray.commands.train_cmd",
     "evaluate": "dialclip_ray.commands.evaluate_cmd",
@@ -44,11 +44,17 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     argv = sys.argv[1:] if argv is None else argv
     # Import only the group being run: `dialclip data ...` should not import Ray Serve.
     only = argv[0] if argv and argv[0] in COMMANDS else None
     args = build_parser(only).parse_args(argv)
+    from dialclip_ray.jobpaths import arg_problems
+
+    problems = arg_problems(args)  # inside a Ray job: paths the job cannot see, refused with the reason
+    if problems:
+        for problem in problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return 2
     result = args.func(args)
     return int(result or 0)
 

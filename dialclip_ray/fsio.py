@@ -10,8 +10,11 @@ never a mix; the temporaries start with ``.`` and are never taken for outputs.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import os
 import shutil
+import sys
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
@@ -61,21 +64,67 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
 
 
-def publish_dir(tmp: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """Move the finished directory ``tmp`` to ``out``; an existing ``out`` is swapped aside, then removed.
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+_libc = None
 
-    Readers see the old directory or the new one, never a half-written one; the old one is
-    deleted only after the new one is in place.
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap the paths ``a`` and ``b`` (Linux ``renameat2(RENAME_EXCHANGE)``).
+
+    Returns False where the platform or file system cannot (the caller falls back).
+    """
+    global _libc
+    if not sys.platform.startswith("linux"):
+        return False
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL(None, use_errno=True)
+        except OSError:
+            _libc = False
+    if not _libc or not hasattr(_libc, "renameat2"):
+        return False
+    if _libc.renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def publish_dir(tmp: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Move the finished directory ``tmp`` to ``out``; an existing ``out`` is replaced, then removed.
+
+    On Linux an existing ``out`` is swapped with ``tmp`` in one ``renameat2(RENAME_EXCHANGE)``:
+    there is no moment without ``out``. Elsewhere it is renamed aside and ``tmp`` renamed in
+    (put back if that fails). Either way readers see the old directory or the new one, never a
+    half-written one, and the old one is deleted only after the new one is in place.
     """
     tmp, out = Path(tmp), Path(out)
     if out.exists():
+        if _exchange(tmp, out):
+            _fsync_dir(out.parent)
+            _remove(tmp)  # now holds the old ``out``
+            return out
         old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
         os.rename(out, old)
-        os.rename(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
+        try:
+            os.rename(tmp, out)
+        except BaseException:
+            os.rename(old, out)  # put the previous directory back
+            raise
+        _fsync_dir(out.parent)
+        _remove(old)
     else:
         os.rename(tmp, out)
-    _fsync_dir(out.parent)
+        _fsync_dir(out.parent)
     return out
 
 
@@ -106,6 +155,3 @@ def copy_dir_atomic(src: str | os.PathLike, out: str | os.PathLike,
                 shutil.copy2(item, tmp / name)
     return Path(out)
 
-
-# The name older modules use; one implementation.
-replace_dir = publish_dir

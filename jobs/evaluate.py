@@ -1,11 +1,14 @@
 """Ray job entry point for `dialclip evaluate` (the same code as the console command).
 
-    ray job submit --working-dir . -- python jobs/evaluate.py --checkpoint NAME=DIR --data DIR
+    ray job submit --working-dir . -- python jobs/evaluate.py --checkpoint NAME=/shared/runs/train/RUN \
+        --data /shared/data/photochat --out /shared/runs/eval/RUN
+
+Paths must be absolute and on storage every node sees (dialclip_ray.jobpaths says why).
 """
 
 import sys
 
-from dialclip_ray.cli import main
+from _entry import run  # jobs/ is sys.path[0] when Ray runs `python jobs/evaluate.py`
 
 if __name__ == "__main__":
-    sys.exit(main(['evaluate', *sys.argv[1:]]))
+    sys.exit(run(['evaluate']))

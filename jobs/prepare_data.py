@@ -5,7 +5,9 @@
 
 import sys
 
-from dialclip_ray.cli import main
+from _entry import (
+    run,  # jobs/ is sys.path[0] when Ray runs `python jobs/prepare_data.py`
+)
 
 if __name__ == "__main__":
-    sys.exit(main(['data', 'prepare', *sys.argv[1:]]))
+    sys.exit(run(['data', 'prepare']))

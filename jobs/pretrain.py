@@ -5,7 +5,7 @@
 
 import sys
 
-from dialclip_ray.cli import main
+from _entry import run  # jobs/ is sys.path[0] when Ray runs `python jobs/pretrain.py`
 
 if __name__ == "__main__":
-    sys.exit(main(['pretrain', *sys.argv[1:]]))
+    sys.exit(run(['pretrain']))

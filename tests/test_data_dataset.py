@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import open_clip
 import pytest
 import torch
@@ -29,6 +31,29 @@ def mm_dir(tmp_path_factory):
     sample_mmdialog(root / "raw")
     prepare("mmdialog", root / "raw", None, root / "ds", progress=False)
     return root / "ds"
+
+
+@pytest.fixture(scope="module")
+def mm_shard_dir(tmp_path_factory):
+    """The same corpus through the streaming converter: examples/part-*.parquet shards."""
+    from dialclip_ray.data.mmdialog_stream import convert_mmdialog
+
+    root = tmp_path_factory.mktemp("mm_shards")
+    sample_mmdialog(root / "raw")
+    meta = convert_mmdialog(root / "raw", root / "ds", processes=0, segment_bytes=64, progress=False)
+    assert meta["layout"]["shards"] > 3
+    return root / "ds"
+
+
+def test_canonical_dataset_reads_shards_like_one_file(mm_dir, mm_shard_dir):
+    one, shards = CanonicalDataset.load(mm_dir), CanonicalDataset.load(mm_shard_dir)
+    assert not (mm_shard_dir / "examples.parquet").exists() and (mm_shard_dir / "examples").is_dir()
+    assert shards.splits() == one.splits()
+    for split in one.splits():
+        assert shards.examples(split) == one.examples(split)
+        assert shards.image_ids(split) == one.image_ids(split) and shards.text_ids(split) == one.text_ids(split)
+    assert shards.image_path("-101abc").relative_to(shards.image_root) == Path("train/-101abc.jpg")
+    assert one.image_path("-101abc").relative_to(one.image_root) == Path("train/-101abc.jpg")
 
 
 def _fake_loader(image_id: str) -> torch.Tensor:
@@ -159,8 +184,9 @@ def test_tokenize_dialog_property(turns):
 
 
 @pytest.mark.slow
-def test_ray_examples(mm_dir, ray_cluster):
-    ds = ray_examples(mm_dir, "dev")
-    rows = ds.take_all()
-    assert sorted(r["id"] for r in rows) == ["mmdialog/dev/v1/1/0", "mmdialog/dev/v1/1/1"]
-    assert all(r["split"] == "dev" for r in rows) and len(rows[0]["candidates"]) == 4
+def test_ray_examples(mm_dir, mm_shard_dir, ray_cluster):
+    for directory in (mm_dir, mm_shard_dir):  # one examples.parquet, then a directory of shards
+        ds = ray_examples(directory, "dev")
+        rows = ds.take_all()
+        assert sorted(r["id"] for r in rows) == ["mmdialog/dev/v1/1/0", "mmdialog/dev/v1/1/1"]
+        assert all(r["split"] == "dev" for r in rows) and len(rows[0]["candidates"]) == 4

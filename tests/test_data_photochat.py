@@ -86,7 +86,7 @@ def _bad(obj_edit) -> list[dict]:
     (lambda d: d["dialogue"][0].update(message=5), "dialogue[0].message", "wrong_type"),
     (lambda d: d.update(photo_id=12), "photo_id", "wrong_type"),
     (lambda d: d["dialogue"][2].update(share_photo=False), "dialogue[*].share_photo", "share_turn"),
-    (lambda d: d["dialogue"][3].update(share_photo=True), "dialogue[*].share_photo", "share_turn"),
+    (lambda d: d["dialogue"][0].update(share_photo=True), "dialogue[*].share_photo", "share_turn"),
 ])
 def test_bad_dialogue_names_file_record_field(tmp_path, edit, field, kind):
     path = write_json(tmp_path / "test_00.json", _bad(edit))
@@ -128,3 +128,85 @@ def test_split_must_be_known(tmp_path):
     path = write_json(tmp_path / "shard.json", [photochat_dialogue(0, 1, 2)])
     with pytest.raises(DataError, match="cannot tell the split"):
         load_photochat(path, progress=False)
+
+
+def _real_format(did: str, turns: list[tuple[str, bool, int]], revision: str) -> dict:
+    """A dialogue exactly as real shards write it: key order, string dialogue_id, empty share messages.
+
+    ``revision`` "photo_id" = newer files (dev_01: photo_id and photo_url), "url" = older ones (test_00).
+    """
+    obj = {"dialogue": [{"message": m, "share_photo": s, "user_id": u} for m, s, u in turns],
+           "dialogue_id": did,
+           "photo_description": "The photo has a cake. Objects in the photo: Food, Cake, Table",
+           "photo_url": f"https://farm4.staticflickr.com/3948/157050716{did}_5d905852c2_o.jpg"}
+    if revision == "photo_id":
+        obj["photo_id"] = f"train/624e5f6dd7f64d{int(did):02d}"
+    return obj
+
+
+def _share_run(n_shares: int) -> list[tuple[str, bool, int]]:
+    return [("I baked a cake for my mom's birthday", False, 0), ("nice! what kind?", False, 1),
+            ("chocolate, want to see?", False, 0), *([("", True, 0)] * n_shares),
+            ("wow, that looks delicious", False, 1), ("thanks!", False, 0)]
+
+
+@pytest.mark.parametrize("revision", ["photo_id", "url"])
+@pytest.mark.parametrize("n_shares", [2, 3])
+def test_consecutive_share_turns_are_one_share(tmp_path, revision, n_shares):
+    """Real shards record some shares as 2 (test shard) or 3 (old train revision) share turns in a row."""
+    dialogs = [_real_format("10", _share_run(1), revision), _real_format("11", _share_run(n_shares), revision),
+               _real_format("12", _share_run(1), revision)]
+    path = tmp_path / ("test_01.json" if n_shares == 2 else "train_07.json")
+    path.write_text(json.dumps(dialogs, indent=2), encoding="utf-8")  # the real files' layout
+    policy = ErrorPolicy("skip")
+    rows = load_photochat(path, policy, progress=False).examples
+    assert policy.total == 0  # nothing dropped in skip mode
+    assert rows == load_photochat(path, progress=False).examples  # and the default mode converts the shard
+    assert [r["dialog_id"] for r in rows] == ["10", "11", "12"]
+    multi = rows[1]
+    assert [(c["speaker"], c["text"]) for c in multi["context"]] == [
+        (0, "I baked a cake for my mom's birthday"), (1, "nice! what kind?"), (0, "chocolate, want to see?")]
+    assert multi["context"] == rows[0]["context"]  # same as the single-share dialogue: turns after stay out
+    want = dialogs[1]["photo_id"] if revision == "photo_id" else \
+        hashlib.sha1(dialogs[1]["photo_url"].encode()).hexdigest()[:16]
+    assert multi["target_id"] == want
+
+
+@pytest.mark.parametrize("revision", ["photo_id", "url"])
+def test_separate_share_turns_are_an_error(tmp_path, revision):
+    turns = _share_run(1)
+    turns.insert(1, ("", True, 0))  # a share at turn 1 and another at turn 4
+    dialogs = [_real_format("20", _share_run(2), revision), _real_format("21", turns, revision)]
+    path = tmp_path / "test_00.json"
+    path.write_text(json.dumps(dialogs, indent=2), encoding="utf-8")
+    with pytest.raises(DataError) as info:
+        load_photochat(path, progress=False)
+    err = info.value
+    assert (err.kind, err.field, err.record) == ("share_turn", "dialogue[*].share_photo", "#1 (dialogue_id '21')")
+    assert str(path) in str(err) and "turns [1, 4]" in str(err) and "not consecutive" in str(err)
+    policy = ErrorPolicy("skip")
+    assert [r["dialog_id"] for r in load_photochat(path, policy, progress=False).examples] == ["20"]
+    assert policy.counts == {"share_turn": 1}
+
+
+def test_truncated_real_shard_says_it_ends_early(tmp_path, photochat_sample_dir):
+    text = Path(photochat_sample_dir, SAMPLE_DEV).read_text(encoding="utf-8")
+    for cut, inside in ((len(text) // 2, None), (text.index('"photo_url"', 5000) + 20, "string")):
+        path = tmp_path / "dev_01.json"
+        path.write_text(text[:cut], encoding="utf-8")  # a download cut off mid-file
+        with pytest.raises(DataError) as info:
+            load_photochat(path, ErrorPolicy("skip"), progress=False)
+        err = info.value
+        msg = str(err)
+        last_line = text[:cut].rstrip().count("\n") + 1
+        assert err.kind == "malformed_json" and str(path) in msg and "ends early" in msg
+        assert err.record == f"line {last_line}" and f"line {last_line} column" in msg
+        if inside:
+            assert "Unterminated string" in msg
+    path.write_text("", encoding="utf-8")
+    with pytest.raises(DataError, match="the file is empty"):
+        load_photochat(path, progress=False)
+    path.write_text('[{"dialogue": [], "dialogue_id": 1,, }]', encoding="utf-8")  # bad, but complete
+    with pytest.raises(DataError, match="malformed JSON at line 1 column") as info:
+        load_photochat(path, progress=False)
+    assert "ends early" not in str(info.value)

@@ -166,3 +166,34 @@ def test_write_dataset_dir_failure_keeps_old(tmp_path):
         write_dataset_dir(out, [{"id": "x"}], [], [], {"source": "mmdialog"})  # missing required columns
     assert pq.read_table(out / "texts.parquet").to_pylist() == [{"text_id": "t:1", "text": "hi"}]
     assert sorted(os.listdir(tmp_path)) == ["ds"]
+
+
+def test_empty_image_file_says_empty(tmp_path):
+    shard, images = _photochat(tmp_path)
+    empty = images / "0000000000000001.png"
+    empty.write_bytes(b"")  # an interrupted download
+    with pytest.raises(DataError) as info:
+        prepare("photochat", shard, images, tmp_path / "out", progress=False)
+    err = info.value
+    assert err.kind == "image_unreadable" and "empty (0 bytes)" in str(err)
+    assert err.file == str(empty.resolve()) and str(shard) in str(err)  # the image file and its referrer
+    meta = prepare("photochat", shard, images, tmp_path / "out", on_error="skip", progress=False)
+    assert meta["counts"]["examples"] == 2 and meta["skipped"]["by_reason"] == {"image_unreadable": 1}
+
+
+def test_missing_image_lists_url_file_name_with_photo_id(tmp_path):
+    """The real files have photo_id and photo_url: the Flickr file name is a name tried too, and shown."""
+    url = "https://c2.staticflickr.com/3/2235/2421369081_a3628f3964_o.jpg"
+    shard = write_json(tmp_path / "pc" / "dev_01.json",
+                       [photochat_dialogue(500, share_at=2, n_turns=4, photo_id="train/624e5f6dd7f64d89", url=url)])
+    (tmp_path / "img").mkdir()
+    with pytest.raises(DataError) as info:
+        prepare("photochat", shard, tmp_path / "img", tmp_path / "out", progress=False)
+    msg = str(info.value)
+    assert info.value.kind == "image_missing" and "2421369081_a3628f3964_o.jpg" in msg
+    assert "624e5f6dd7f64d89.{jpg,jpeg,png,webp}" in msg and "train_624e5f6dd7f64d89.{jpg" in msg
+    write_image(tmp_path / "img" / "2421369081_a3628f3964_o.jpg", fmt="JPEG")  # and it is found by that name
+    meta = prepare("photochat", shard, tmp_path / "img", tmp_path / "out", progress=False)
+    assert meta["counts"]["images"] == 1
+    assert pq.read_table(tmp_path / "out" / "images.parquet").column("path").to_pylist() == [
+        "2421369081_a3628f3964_o.jpg"]

@@ -38,7 +38,10 @@ def test_tiny_demo_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for n in range(1, 9):
         assert f"[{n}/8]" in proc.stdout
-    (run,) = list((tmp_path / "out").iterdir())
+    (run,) = [p for p in (tmp_path / "out").iterdir() if p.name != "latest"]
+    # Stable paths for serve/serve_config.yaml: out/latest -> this run; run/ -> the DialCLIP training run.
+    assert (tmp_path / "out" / "latest").resolve() == run.resolve()
+    assert (run / "run" / "best" / "dialclip.pt").is_file() and (run / "run" / "train_config.yaml").is_file()
     report = (run / "report.md").read_text()
     assert "## Test metrics" in report and "DialCLIP (dialog_to_image)" in report and "zero-shot CLIP" in report
     for png in ("training_curves.png", "contact_sheet.png"):

@@ -52,8 +52,9 @@ def test_metrics_crafted():
     m = retrieval_metrics(ranks)
     assert m == pytest.approx(brute_metrics(ranks))
     assert m["R@1"] == pytest.approx(100 / 7) and m["R@10"] == pytest.approx(500 / 7)
-    assert recall_at_k(ranks, 5) == pytest.approx(3 / 7)
-    assert mrr([1, 2, 4]) == pytest.approx((1 + 0.5 + 0.25) / 3)
+    assert recall_at_k(ranks, 5) == pytest.approx(300 / 7)  # percent, like everything reported
+    assert mrr([1, 2, 4]) == pytest.approx(100 * (1 + 0.5 + 0.25) / 3)
+    assert recall_at_k(ranks, 5) == m["R@5"] and mrr(ranks) == m["MRR"]
     with pytest.raises(ValueError, match="1-based"):
         retrieval_metrics([0, 1])
 

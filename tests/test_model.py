@@ -1,4 +1,4 @@
-"""The DialCLIP core against the invariants of design.md section 2, on real open_clip modules."""
+"""The DialCLIP core against the invariants of README "Model design" and model/*.py, on real open_clip modules."""
 
 from __future__ import annotations
 
@@ -196,3 +196,50 @@ def test_unsupported_backbone_is_named():
         load_backbone("RN50")
     with pytest.raises(ValueError, match="insertion_layer=7"):
         build_model(preset("default", insertion_layer=7, backbone=MICRO))
+
+
+def test_merge_preset_equals_explicit_fields_and_rejects_unknown(tmp_path):
+    import yaml
+
+    from dialclip_ray.model.config import PRESETS, DialCLIPConfig, merge_preset
+    from dialclip_ray.train.config import ConfigError, load_train_config
+
+    assert merge_preset({"preset": "paper-budget", "cpg_dim": 64}) == {**PRESETS["paper-budget"], "cpg_dim": 64}
+    assert merge_preset({"num_experts": 3}) == {"num_experts": 3}  # no preset key: a plain copy
+    explicit = DialCLIPConfig(domain_prompt_length=2, domain_prompt_towers="text", context_prompt_length=8,
+                              cpg_dim=32, cpg_heads=2, expert_rank=1, num_experts=3)
+    assert preset("paper-budget", num_experts=3) == explicit
+    # The training config's ``model`` section resolves presets through the same function.
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump({"model": {"preset": "paper-budget", "num_experts": 3}, "data": {"train": ["x"]}}))
+    assert load_train_config(path).model == explicit
+    with pytest.raises(ValueError, match="unknown preset 'nope'; known: default, paper-budget"):
+        preset("nope")
+    with pytest.raises(ValueError, match="unknown preset 'nope'"):
+        merge_preset({"preset": "nope"})
+    path.write_text(yaml.safe_dump({"model": {"preset": "nope"}, "data": {"train": ["x"]}}))
+    with pytest.raises(ConfigError, match=r"invalid training config: model: Value error, unknown preset 'nope'"):
+        load_train_config(path)
+
+
+def test_backbone_geometry_from_open_clip_config(micro):
+    from dialclip_ray.data.dataset import ReaderConfig
+    from dialclip_ray.model.backbone import BackboneGeometry, backbone_geometry
+    from dialclip_ray.model.config import DialCLIPConfig
+
+    assert backbone_geometry("dialclip-tiny") == BackboneGeometry(
+        model_name="dialclip-tiny", image_size=64, text_layers=6, vision_layers=6, context_length=77, embed_dim=128)
+    # ViT-B-32's config ships with open_clip: no weights are needed to read it.
+    assert backbone_geometry("ViT-B-32") == BackboneGeometry(
+        model_name="ViT-B-32", image_size=224, text_layers=12, vision_layers=12, context_length=77, embed_dim=512)
+    g = backbone_geometry("dialclip-micro")  # agrees with the model open_clip builds
+    assert (g.image_size, g.context_length) == (micro.image_size, micro.context_length)
+    assert g.text_layers == len(micro.model.transformer.resblocks)
+    assert g.vision_layers == len(micro.model.visual.transformer.resblocks)
+    assert g.embed_dim == micro.model.text_projection.shape[-1]
+    reader = ReaderConfig.from_model_config(DialCLIPConfig(backbone=BackboneConfig(model_name="dialclip-tiny")))
+    assert (reader.image_size, reader.context_length) == (64, 77)
+    with pytest.raises(UnsupportedBackboneError, match="no-such-clip"):  # no silent 224 px / 12 layers
+        backbone_geometry("no-such-clip")
+    with pytest.raises(UnsupportedBackboneError, match="RN50.*ResNet"):
+        backbone_geometry("RN50")

@@ -18,7 +18,7 @@ from dialclip_ray.pretrain import PretrainConfig, cache_key, run_pretrain
 from dialclip_ray.pretrain import run as run_mod
 from dialclip_ray.pretrain.data import CaptionDataset, CaptionRow, read_captions
 from dialclip_ray.pretrain.encode import encode_text_trimmed
-from dialclip_ray.pretrain.evaluate import recall_at_k
+from dialclip_ray.pretrain.evaluate import caption_retrieval_metrics, paired_ranks
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 80, 230), "yellow": (240, 220, 30)}
 BACKGROUNDS = {"dark": (20, 20, 30), "light": (225, 225, 215)}
@@ -135,12 +135,20 @@ def test_trimmed_text_encoding_equals_open_clip():
     assert diff.abs().max() < 1e-5
 
 
-def test_recall_at_k_counts_ranks_and_ties():
+def test_held_out_recall_counts_ranks_and_ties_in_percent():
     q = torch.eye(4)
-    assert recall_at_k(q, q, ks=(1,)) == {1: 100.0}
+    m = caption_retrieval_metrics(q, q, ks=(1,))
+    assert m["caption_to_image_R@1"] == m["image_to_caption_R@1"] == 100.0
     cands = torch.tensor([[0.6, 0, 0, 0], [0.9, 0.8, 0, 0], [0, 0, 1.0, 0], [0, 0, 0, 1.0]])
-    assert recall_at_k(q, cands, ks=(1, 2), chunk=3) == {1: 75.0, 2: 100.0}  # query 0's target ranks 2nd
-    assert recall_at_k(q, torch.ones(4, 4), ks=(1,)) == {1: 0.0}  # a tie is not a hit
+    assert paired_ranks(q, cands).tolist() == [2, 1, 1, 1]  # query 0's target ranks 2nd
+    m = caption_retrieval_metrics(cands, q, ks=(1, 2))  # caption (query q) -> image (candidates cands)
+    assert (m["caption_to_image_R@1"], m["caption_to_image_R@2"]) == (75.0, 100.0)
+    assert m["pool_size"] == 4 and m["chance_R@1"] == 25.0
+    tie = caption_retrieval_metrics(torch.ones(4, 4), q, ks=(1,))
+    assert tie["caption_to_image_R@1"] == 0.0  # a tie is not a hit
+    # The keys pretrain writes into its meta (bench/results/pretrain_small_clip.json, demo report, CLI).
+    assert set(caption_retrieval_metrics(q, q)) == {f"{d}_R@{k}" for d in ("caption_to_image", "image_to_caption")
+                                                    for k in (1, 5, 10)} | {"pool_size", "chance_R@1"}
 
 
 def test_bad_captions_name_file_row_and_field(tmp_path):

@@ -107,7 +107,7 @@ def served(ray_cluster, artifacts):
     cfg["http_options"] = {"host": "127.0.0.1", "port": port}
     app = cfg["applications"][0]
     app.update(name="yaml", route_prefix="/yaml")
-    app["args"].update(checkpoint=str(artifacts["ckpt"]), index_dir=str(artifacts["index"][4]),
+    app["args"].update(run_dir=None, checkpoint=str(artifacts["ckpt"]), index_dir=str(artifacts["index"][4]),
                        shard_delay_s={3: 2.0})
     (artifacts["tmp"] / "serve_config.yaml").write_text(yaml.safe_dump(cfg))
     _get_global_client().deploy_apps(ServeDeploySchema.model_validate(cfg), _blocking=False)

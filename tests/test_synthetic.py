@@ -169,7 +169,10 @@ def test_filler_text_never_names_an_attribute():
     for bank in (dialog_text._GREETINGS, dialog_text._GREETING_REPLIES, dialog_text._CHITCHAT,
                  dialog_text._CHITCHAT_REPLIES, dialog_text._INTROS, dialog_text._REACTIONS, dialog_text._ANSWERS,
                  dialog_text._LAST_PLAIN_SHARER, dialog_text._LAST_PLAIN_OTHER, dialog_text._MM_OPENERS,
-                 dialog_text._MM_OPENERS_IMG, dialog_text._AFTER_SHARE):
+                 dialog_text._MM_OPENERS_IMG, dialog_text._AFTER_SHARE, dialog_text._PREFIXES,
+                 dialog_text._MM_OPENER_REPLIES, dialog_text._MM_REACTIONS,
+                 [w for pair in dialog_text._ANCHORS for w in pair],
+                 [q.format(ref="the ones for your sister") for qs in dialog_text._MM_QUESTIONS.values() for q in qs]):
         for line in bank:
             assert not words_of(line) & banned, line
 
@@ -242,3 +245,109 @@ def test_bad_arguments_and_atomic_output(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="render failed"):
         generate(tmp_path / "out", dialogs=20, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["full"]  # no partial output, no temp dir
+
+
+# ----------------------------------------------------------------------------- MMDialog-style replies (generator v2)
+
+REPLY_KINDS = dialog_text.REPLY_KINDS
+
+
+def _conversations(n: int = 200, chain: float = 0.5) -> list:
+    out = []
+    for i in range(n):
+        rng = random.Random(f"test-conv:{i}")
+        out.append(dialog_text.mmdialog_conversation(rng, lambda r: r.choice(ALL_SCENES), rng.random() < chain))
+    return out
+
+
+def _turn_text(turn) -> str:
+    return " ".join(x.text for x in turn if isinstance(x, dialog_text.TextItem))
+
+
+def test_replies_name_values_the_context_holds_and_the_last_turn_does_not():
+    kinds: dict[str, int] = {}
+    for conv in _conversations():
+        images = {t: x.scene for t, turn in enumerate(conv.turns) for x in turn
+                  if isinstance(x, dialog_text.ImageItem)}
+        for t, turn in enumerate(conv.turns):
+            for x in turn:
+                if not isinstance(x, dialog_text.TextItem) or x.kind not in REPLY_KINDS:
+                    continue
+                kinds[x.kind] = kinds.get(x.kind, 0) + 1
+                assert x.attrs and x.scene is not None and x.grounding != "new", (x.kind, x.text)
+                for a in x.attrs:  # every named value is in an earlier turn's text or an earlier photo of it
+                    words = value_words(a, getattr(x.scene, a))
+                    in_text = any(words & words_of(_turn_text(conv.turns[u])) for u in x.sources)
+                    in_photo = x.image_turn is not None and images.get(x.image_turn) == x.scene
+                    assert in_text or in_photo, (x.text, a)
+                assert all(u < t for u in x.sources) and (x.image_turn is None or x.image_turn < t)
+                if x.kind in ("comment", "ack", "answer"):  # the previous turn alone does not give them
+                    assert x.grounding in ("earlier_text", "image"), (x.kind, x.grounding, x.text)
+                if x.kind == "answer":
+                    question = _turn_text(conv.turns[t - 1])
+                    asked = x.extra["asked"]
+                    assert not words_of(question) & value_words(asked, getattr(x.scene, asked)), question
+                if x.kind == "echo":
+                    assert x.grounding == "last_turn"
+    assert set(kinds) == set(REPLY_KINDS) and min(kinds.values()) >= 20, kinds
+    n_text = sum(isinstance(x, dialog_text.TextItem) for c in _conversations() for turn in c.turns[1:] for x in turn)
+    assert sum(kinds.values()) >= 0.35 * n_text  # a good share of all reply targets is context-determined
+
+
+def test_reply_hard_negatives_change_exactly_one_named_value():
+    rng = random.Random(0)
+    seen = 0
+    for conv in _conversations(60):
+        for x in (x for turn in conv.turns for x in turn if isinstance(x, dialog_text.TextItem)):
+            variants = x.variants(rng)
+            if x.kind not in REPLY_KINDS:
+                assert variants == []
+                continue
+            assert variants and all(v.kind == x.kind and v.text != x.text for v in variants)
+            for v in variants:
+                diff = differing(x.scene, v.scene)
+                assert len(diff) == 1 and diff[0] in x.attrs and not v.true_of(x.scene)
+                changed = diff[0]
+                assert value_words(changed, getattr(v.scene, changed)) & words_of(v.text), v.text
+            seen += len(variants)
+    assert seen > 500
+
+
+def test_text_negatives_are_never_valid_replies_of_their_record():
+    conv = _conversations(3, chain=1.0)[0]
+    items = [x for turn in conv.turns for x in turn if isinstance(x, dialog_text.TextItem)]
+    targets = [x for t, turn in enumerate(conv.turns) if t > 0 for x in turn if isinstance(x, dialog_text.TextItem)]
+    objects = list({x.scene: None for x in items if x.scene is not None})
+    pool = dialog_text.text_pool(random.Random(1), lambda r: r.choice(ALL_SCENES), 2 * writer.NEGATIVES)
+    pool += [v for x in targets for v in x.variants(random.Random(2)) if v.true_of(objects[0])][:5]  # must go
+    neg = writer._text_negatives(random.Random(3), items, targets, pool, objects, 300)
+    assert len(neg) == len(set(neg)) == writer.NEGATIVES
+    assert not set(neg) & {x.text for x in items}
+    by_text = {x.text: x for x in pool}
+    said = {x.signature for x in targets}
+    hard = 0
+    for text in neg:
+        x = by_text.get(text)
+        if x is None:  # a hard variant made inside _text_negatives
+            hard += 1
+            continue
+        assert x.signature not in said and not any(x.true_of(o) for o in objects)
+    assert hard >= 10
+
+
+def test_configurable_split_sizes_and_caption_only_images(tmp_path):
+    meta = generate(tmp_path / "s", seed=3, image_size=32, workers=1, progress=False, photochat_sizes=(12, 3, 4),
+                    mmdialog_sizes=(3, 2, 2), caption_images=25)
+    assert meta["dialogs"] == 19
+    assert {k: v["dialogs"] for k, v in meta["counts"]["photochat"].items()} == {"train": 12, "dev": 3, "test": 4}
+    assert {k: v["conversations"] for k, v in meta["counts"]["mmdialog"].items()} == \
+        {"train": 3, "valid": 2, "test": 2}
+    extra = sorted((tmp_path / "s" / "caption_images").glob("*.jpg"))
+    assert len(extra) == meta["counts"]["caption_images"] == 25
+    rows = pq.read_table(tmp_path / "s" / "captions.parquet").to_pylist()
+    assert {r["split"] for r in rows if r["path"].startswith("caption_images/")} == {"train"}
+    truth = _truth(tmp_path / "s")
+    kinds = {t["kind"] for t in truth["mmdialog"]["text_targets"]}
+    assert {"comment", "answer", "setup", "share"} <= kinds
+    with pytest.raises(ValueError, match="photochat_sizes"):
+        generate(tmp_path / "bad", photochat_sizes=(10, 0, 5))

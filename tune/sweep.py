@@ -1,8 +1,13 @@
-"""Ray job entry point for sweeps: `python tune/sweep.py --space tune/synthetic.yaml --name NAME`."""
+"""Ray job entry point for sweeps (`dialclip tune`).
 
+    ray job submit --working-dir . -- python tune/sweep.py --space SPACE.yaml --name NAME --storage /shared/runs/tune
+"""
+
+import os
 import sys
 
-from dialclip_ray.cli import main
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs"))
+from _entry import run
 
 if __name__ == "__main__":
-    sys.exit(main(["tune", *sys.argv[1:]]))
+    sys.exit(run(["tune"]))

@@ -8,7 +8,8 @@ import argparse
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="score checkpoints with Ray Data (R@1/5/10, Sum, MRR)")
     p.add_argument("--checkpoint", action="append", required=True,
-                   help="NAME=PATH or PATH of a DialCLIP checkpoint dir; repeat to compare models")
+                   help="NAME=PATH or PATH of a training run dir (its best/) or a DialCLIP checkpoint dir; "
+                        "repeat to compare models")
     p.add_argument("--data", required=True, help="prepared dataset directory")
     p.add_argument("--split", default="test")
     p.add_argument("--out", default=None, help="write eval.json and eval.md here")
@@ -21,8 +22,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from dialclip_ray.pipelines.evaluate import evaluate_checkpoints, parse_named
+    from dialclip_ray.rundir import RunDirError, resolve_checkpoint
 
-    report = evaluate_checkpoints(parse_named(args.checkpoint), args.data, args.split, args.out,
+    try:
+        checkpoints = {name: str(resolve_checkpoint(path)) for name, path in parse_named(args.checkpoint).items()}
+    except RunDirError as exc:
+        print(f"error: {exc}")
+        return 2
+    report = evaluate_checkpoints(checkpoints, args.data, args.split, args.out,
                                   distributed=not args.local, actors=args.actors, batch_size=args.batch_size,
                                   max_examples=args.max_examples)
     print(report["table"])

@@ -24,7 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("index", help="build the sharded FAISS index that `dialclip serve` searches")
     isub = p.add_subparsers(dest="index_command", required=True, metavar="ACTION")
     b = isub.add_parser("build", help="embed every image/text of the corpora (Ray Data) and shard them")
-    b.add_argument("--checkpoint", required=True, help="DialCLIP checkpoint directory")
+    b.add_argument("--checkpoint", required=True,
+                   help="training run directory (uses its best/) or DialCLIP checkpoint directory")
     b.add_argument("--corpus", action="append", required=True, help="prepared dataset dir; repeat for several")
     b.add_argument("--out", required=True, help="index directory to create")
     b.add_argument("--shards", type=int, default=1)
@@ -41,12 +42,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 def main(args: argparse.Namespace) -> int:
     from dialclip_ray.index import validate_params
     from dialclip_ray.index.build import build_index
-    from dialclip_ray.runtime import ensure_ray
+    from dialclip_ray.rundir import RunDirError, resolve_checkpoint
 
     params = parse_params(args.param)
     validate_params(args.kind, params)  # fail before starting Ray
-    ensure_ray(num_cpus=max(2, args.actors))
-    layout = build_index(args.checkpoint, args.corpus, args.out, shards=args.shards, kind=args.kind, params=params,
+    try:
+        checkpoint = resolve_checkpoint(args.checkpoint)
+    except RunDirError as exc:
+        print(f"error: {exc}")
+        return 2
+    layout = build_index(checkpoint, args.corpus, args.out, shards=args.shards, kind=args.kind, params=params,
                          actors=args.actors, target_types=tuple(args.target or ("image", "text")),
                          batch_size=args.batch_size, overwrite=args.overwrite)
     for target, m in layout.manifests.items():

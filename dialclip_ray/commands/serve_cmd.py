@@ -1,4 +1,4 @@
-"""``dialclip serve``: run the retrieval app (Ray Serve) for a checkpoint and its index."""
+"""``dialclip serve``: run the retrieval app (Ray Serve) for a training run (or checkpoint) and its index."""
 
 from __future__ import annotations
 
@@ -14,8 +14,11 @@ def _interrupt(signum, frame):
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve top-k dialog retrieval over HTTP (Ray Serve)")
-    p.add_argument("--checkpoint", required=True, help="DialCLIP checkpoint directory")
-    p.add_argument("--index", required=True, help="index directory from `dialclip index build`")
+    what = p.add_argument_group("what to serve (a run directory, or an index whose index.json names its checkpoint)")
+    what.add_argument("--run", default=None, help="training run directory (serves its best/ checkpoint)")
+    what.add_argument("--checkpoint", default=None, help="DialCLIP checkpoint directory (instead of --run)")
+    what.add_argument("--index", default=None, help="index directory from `dialclip index build` "
+                      "(default with --run: RUN/index)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback; the API has no auth)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--name", default="dialclip", help="Serve application name")
@@ -31,13 +34,19 @@ def main(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
+    from dialclip_ray.rundir import RunDirError, resolve_serving
     from dialclip_ray.runtime import ensure_ray
     from dialclip_ray.serving.app import build_app
 
+    try:  # before Ray starts: a wrong path should cost nothing
+        resolve_serving(args.checkpoint, args.run, args.index)
+    except (RunDirError, ValueError) as exc:
+        print(f"error: {exc}")
+        return 2
     owns_ray = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
     ensure_ray(num_cpus=args.num_cpus)
-    app = build_app({"checkpoint": args.checkpoint, "index_dir": args.index, "use_gpu": args.use_gpu,
-                     "top_k": args.top_k})  # refuses a checkpoint/index mismatch before anything starts
+    app = build_app({"run_dir": args.run, "checkpoint": args.checkpoint, "index_dir": args.index,
+                     "use_gpu": args.use_gpu, "top_k": args.top_k})  # refuses a checkpoint/index mismatch
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(app, name=args.name, route_prefix="/")
     url = f"http://{args.host}:{args.port}"

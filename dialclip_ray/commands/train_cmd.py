@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -13,6 +14,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--storage", default=None, help="where runs live (overrides run.storage_path)")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--pretrained", default=None, help="backbone weights: open_clip tag or local path")
+    p.add_argument("--data", action="append", default=None,
+                   help="prepared dataset directory; repeat for several (overrides data.train)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def overrides_from(args: argparse.Namespace) -> dict:
     pairs = {"run.workers": args.workers, "run.name": args.run_name, "run.storage_path": args.storage,
-             "optim.epochs": args.epochs, "model.backbone.pretrained": args.pretrained}
+             "optim.epochs": args.epochs, "model.backbone.pretrained": args.pretrained, "data.train": args.data}
     out = {k: v for k, v in pairs.items() if v is not None}
     if args.gpu:
         out["run.use_gpu"] = True
@@ -38,6 +41,17 @@ def main(args: argparse.Namespace) -> int:
         cfg = load_train_config(args.config, overrides_from(args))
     except ConfigError as exc:
         print(f"error: {exc}")
+        return 2
+    from dialclip_ray.jobpaths import config_problems, is_local_path
+
+    problems = config_problems(cfg, args.config, check_storage=args.storage is None)  # inside a Ray job only
+    weights = cfg.model.backbone.pretrained
+    if weights and is_local_path(weights, "pretrained") and not Path(weights).expanduser().exists():
+        problems.append(f"{args.config}: model.backbone.pretrained: '{weights}' does not exist (relative paths "
+                        f"start at {Path.cwd()}); configs/synthetic*.yaml name the small CLIP `make demo` pretrains")
+    if problems:
+        for problem in dict.fromkeys(problems):
+            print(f"error: {problem}")
         return 2
     outcome = run_training(cfg)
     print(f"run: {outcome.run_dir} ({'trained' if outcome.trained else 'already complete, reused'})")

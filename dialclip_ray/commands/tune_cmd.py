@@ -17,9 +17,21 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from dialclip_ray.tuning.space import SpaceError
+    from dialclip_ray.jobpaths import config_problems, ray_job_id
+    from dialclip_ray.tuning.space import SpaceError, load_space
     from dialclip_ray.tuning.sweep import run_sweep
 
+    if ray_job_id() is not None:  # the base config's data and weights must exist where the job runs
+        try:
+            _, base = load_space(args.space)
+        except SpaceError as exc:
+            print(f"error: {exc}")
+            return 2
+        problems = config_problems(base, f"{args.space} (base_config)", check_storage=False)
+        if problems:
+            for problem in problems:
+                print(f"error: {problem}")
+            return 2
     try:
         out = run_sweep(args.space, args.name, args.storage, args.samples, args.cpus_per_trial, args.gpus_per_trial)
     except SpaceError as exc:

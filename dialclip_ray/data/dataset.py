@@ -1,6 +1,7 @@
 """Reading the canonical dataset dir into plain records and tensor batches.
 
-``CanonicalDataset`` is the one reader of ``examples/images/texts.parquet``;
+``CanonicalDataset`` is the one reader of ``examples/images/texts.parquet`` (examples may
+also be a directory of shards, ``examples/part-*.parquet``: see ``data/layout.py``);
 ``build_query_batch`` turns records into the ``QueryBatch`` layout of
 ``dialclip_ray/batch.py``. Dialogs differ in turn and image counts, so turns and
 images are padded per batch with masks; a batch always has T >= 1 and M >= 1 so
@@ -13,7 +14,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -24,7 +25,11 @@ from dialclip_ray.model.batch import MAX_SPEAKERS, TARGET_TYPES, QueryBatch, Tra
 from dialclip_ray.model.text import tokenize_dialog, tokenize_texts
 from dialclip_ray.data.errors import DataError
 from dialclip_ray.data.images import DEFAULT_MAX_PIXELS, open_image, resolve_image_path
-from dialclip_ray.data.schema import SPLITS, read_meta
+from dialclip_ray.data.layout import examples_files, read_examples
+from dialclip_ray.data.schema import EXAMPLES_SCHEMA, SPLITS, read_meta
+
+if TYPE_CHECKING:
+    from dialclip_ray.features.store import FeatureStore
 
 
 @dataclass
@@ -48,18 +53,13 @@ class ReaderConfig:
 
     @classmethod
     def from_model_config(cls, cfg: Any) -> "ReaderConfig":
-        """Reader settings of a DialCLIPConfig; context length and image size from the backbone's open_clip config."""
-        import open_clip
+        """Reader settings of a DialCLIPConfig; context length and image size from ``backbone_geometry``."""
+        from dialclip_ray.model.backbone import backbone_geometry
 
-        from dialclip_ray.model.backbone import register_model_configs
-
-        register_model_configs()
-        model_cfg = open_clip.get_model_config(cfg.backbone.model_name) or {}
-        size = model_cfg.get("vision_cfg", {}).get("image_size", 224)
-        size = int(size[0] if isinstance(size, (list, tuple)) else size)
-        length = int(model_cfg.get("text_cfg", {}).get("context_length", 77))
-        return cls(context_length=length, max_context_turns=cfg.max_context_turns,
-                   max_context_images=cfg.max_context_images, query_turns=cfg.query_turns, image_size=size)
+        geometry = backbone_geometry(cfg.backbone.model_name)
+        return cls(context_length=geometry.context_length, max_context_turns=cfg.max_context_turns,
+                   max_context_images=cfg.max_context_images, query_turns=cfg.query_turns,
+                   image_size=geometry.image_size)
 
 
 @dataclass
@@ -106,8 +106,8 @@ class CanonicalDataset:
     def load(cls, directory: str | Path) -> "CanonicalDataset":
         directory = Path(directory)
         meta = read_meta(directory)
-        tables = {name: pq.read_table(directory / f"{name}.parquet") for name in ("examples", "images", "texts")}
-        return cls(directory, meta, tables["examples"], tables["images"], tables["texts"])
+        tables = {name: pq.read_table(directory / f"{name}.parquet") for name in ("images", "texts")}
+        return cls(directory, meta, read_examples(directory), tables["images"], tables["texts"])
 
     @property
     def source(self) -> str:
@@ -201,8 +201,12 @@ def image_loader(dataset: CanonicalDataset, transform: Callable, max_pixels: int
 
 
 def build_query_batch(records: Sequence[ExampleRecord], tokenizer: Any, load_image: Callable[[str], torch.Tensor],
-                      cfg: ReaderConfig) -> QueryBatch:
-    """Tensors for the query side of ``records`` (see ``dialclip_ray/batch.py`` for the layout)."""
+                      cfg: ReaderConfig, features: FeatureStore | None = None) -> QueryBatch:
+    """Tensors for the query side of ``records`` (see ``dialclip_ray/model/batch.py`` for the layout).
+
+    With a feature store the context turns and images come as frozen features and no context
+    image is decoded (``images`` is a [B, M, 1] stub): the cost of the CPG's inputs is paid once.
+    """
     if not records:
         raise ValueError("build_query_batch needs at least one record")
     L = cfg.context_length
@@ -229,6 +233,9 @@ def build_query_batch(records: Sequence[ExampleRecord], tokenizer: Any, load_ima
             turn_mask[b, t] = True
             turn_speaker[b, t] = min(max(int(turn.speaker), 0), MAX_SPEAKERS - 1)
 
+    rtype = torch.tensor([retrieval_type_index(r.target_type) for r in records], dtype=torch.long)
+    if features is not None:
+        return _with_features(features, kept, imgs, (query, turn_tokens, turn_mask, turn_speaker), rtype, M)
     loaded = [[load_image(i) for _, i in pairs] for pairs in imgs]
     first = next((x for row in loaded for x in row), None)
     shape = tuple(first.shape) if first is not None else (3, cfg.image_size, cfg.image_size)
@@ -241,18 +248,38 @@ def build_query_batch(records: Sequence[ExampleRecord], tokenizer: Any, load_ima
                 raise ValueError(f"image {image_id!r} has tensor shape {tuple(x.shape)}, expected {shape}: "
                                  f"the transform must give one size")
             images[b, m], image_mask[b, m], image_turn[b, m] = x, True, t
-    rtype = torch.tensor([retrieval_type_index(r.target_type) for r in records], dtype=torch.long)
     return QueryBatch(query, turn_tokens, turn_mask, turn_speaker, images, image_mask, image_turn, rtype)
 
 
+def _with_features(store: FeatureStore, kept: list, imgs: list, text_part: tuple, rtype: torch.Tensor,
+                   M: int) -> QueryBatch:
+    """The query batch with frozen features from the store in place of context images."""
+    query, turn_tokens, turn_mask, turn_speaker = text_part
+    B, T = turn_mask.shape
+    turn_features = torch.zeros(B, T, store.dim)
+    flat = [t.text for turns in kept for t in turns]
+    if flat:
+        turn_features[turn_mask] = torch.from_numpy(store.turns(flat))
+    image_features = torch.zeros(B, M, store.dim)
+    image_mask = torch.zeros(B, M, dtype=torch.bool)
+    image_turn = torch.zeros(B, M, dtype=torch.long)
+    for b, pairs in enumerate(imgs):
+        if pairs:
+            image_features[b, :len(pairs)] = torch.from_numpy(store.images([i for _, i in pairs]))
+        for m, (t, _) in enumerate(pairs):
+            image_mask[b, m], image_turn[b, m] = True, t
+    return QueryBatch(query, turn_tokens, turn_mask, turn_speaker, torch.zeros(B, M, 1), image_mask, image_turn,
+                      rtype, turn_features, image_features)
+
+
 def collate_train(records: Sequence[ExampleRecord], tokenizer: Any, load_image: Callable[[str], torch.Tensor],
-                  cfg: ReaderConfig) -> TrainBatch:
+                  cfg: ReaderConfig, features: FeatureStore | None = None) -> TrainBatch:
     """Query batch plus positives; all records share one target type (the rest of the batch are negatives)."""
     types = {r.target_type for r in records}
     if len(types) != 1:
         raise ValueError(f"a training batch needs one target type, got {sorted(types)}")
     ttype = types.pop()
-    query = build_query_batch(records, tokenizer, load_image, cfg)
+    query = build_query_batch(records, tokenizer, load_image, cfg, features)
     if ttype == "image":
         return TrainBatch(query, ttype, target_images=torch.stack([load_image(r.target_id) for r in records]))
     missing = [r.id for r in records if r.target_text is None]
@@ -279,7 +306,8 @@ class DialogTorchDataset(torch.utils.data.Dataset):
 def make_train_loader(dataset: CanonicalDataset, split: str, target_type: str, tokenizer: Any,
                       image_transform: Callable, cfg: ReaderConfig, batch_size: int, shuffle: bool = True,
                       seed: int = 0, sampler: torch.utils.data.Sampler | None = None, num_workers: int = 0,
-                      drop_last: bool = False, max_examples: int | None = None) -> torch.utils.data.DataLoader:
+                      drop_last: bool = False, max_examples: int | None = None,
+                      features: FeatureStore | None = None) -> torch.utils.data.DataLoader:
     """DataLoader of TrainBatch for one split and target type (pass a DistributedSampler for DDP)."""
     if target_type not in TARGET_TYPES:
         raise ValueError(f"target_type must be one of {TARGET_TYPES}, got {target_type!r}")
@@ -288,7 +316,8 @@ def make_train_loader(dataset: CanonicalDataset, split: str, target_type: str, t
         data.records = data.records[:max_examples]
     if not len(data):
         raise ValueError(f"{dataset.directory}: split {split!r} has no {target_type} examples")
-    collate = partial(collate_train, tokenizer=tokenizer, load_image=image_loader(dataset, image_transform), cfg=cfg)
+    collate = partial(collate_train, tokenizer=tokenizer, load_image=image_loader(dataset, image_transform), cfg=cfg,
+                      features=features)
     generator = torch.Generator().manual_seed(seed)
     return torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=shuffle and sampler is None,
                                        sampler=sampler, generator=generator, collate_fn=collate,
@@ -303,5 +332,7 @@ def ray_examples(directory: str | Path, split: str):
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     read_meta(directory)  # clear error for a non-dataset dir
-    path = str(Path(directory).resolve() / "examples.parquet")
-    return ray.data.read_parquet(path).filter(expr=col("split") == split)
+    paths = [str(p.resolve()) for p in examples_files(directory)]
+    if not paths:
+        return ray.data.from_arrow(EXAMPLES_SCHEMA.empty_table())
+    return ray.data.read_parquet(paths).filter(expr=col("split") == split)

@@ -29,19 +29,30 @@ def resolve_image_path(root: str | os.PathLike, relative: str, *, record: object
                        field: str | None = "path") -> Path:
     """``root / relative`` after checking it stays inside ``root`` (symlinks followed)."""
     root_path = Path(root).resolve()
-    if not isinstance(relative, str) or not relative or "\x00" in relative:
-        raise DataError(relative, record, field, "image path must be a non-empty string", kind="image_path")
-    rel = relative.replace("\\", "/")
-    if rel.startswith("/") or os.path.isabs(relative) or (len(rel) > 1 and rel[1] == ":"):
-        raise DataError(relative, record, field, f"image path must be relative to the image root {root_path}",
-                        kind="image_path")
-    if ".." in PurePosixPath(rel).parts:
-        raise DataError(relative, record, field, "image path must not contain '..'", kind="image_path")
+    rel = check_relative_name(relative, root_path, record=record, field=field)
     full = (root_path / rel).resolve()
     if not full.is_relative_to(root_path):
         raise DataError(relative, record, field, f"image path resolves outside the image root {root_path} "
                         f"(to {full})", kind="image_path")
     return full
+
+
+def check_relative_name(relative: str, root: object = "the image root", *, record: object = None,
+                        field: str | None = "path") -> str:
+    """The name checks of :func:`resolve_image_path` without touching the file system (``/``-separated name).
+
+    Enough for names written without opening the file (``--no-image-check``); readers still
+    resolve every path against the root (symlinks followed) before opening it.
+    """
+    if not isinstance(relative, str) or not relative or "\x00" in relative:
+        raise DataError(relative, record, field, "image path must be a non-empty string", kind="image_path")
+    rel = relative.replace("\\", "/")
+    if rel.startswith("/") or os.path.isabs(relative) or (len(rel) > 1 and rel[1] == ":"):
+        raise DataError(relative, record, field, f"image path must be relative to the image root {root}",
+                        kind="image_path")
+    if ".." in rel and ".." in PurePosixPath(rel).parts:
+        raise DataError(relative, record, field, "image path must not contain '..'", kind="image_path")
+    return rel
 
 
 def image_size(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS, *, record: object = None,
@@ -71,6 +82,9 @@ def open_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS, *,
 def _open_checked(path: str | os.PathLike, max_pixels: int, record: object, field: str | None) -> Image.Image:
     if not os.path.isfile(path):
         raise DataError(path, record, field, "image file does not exist", kind="image_missing")
+    if os.path.getsize(path) == 0:
+        raise DataError(path, record, field, "image file is empty (0 bytes): an interrupted download or copy?",
+                        kind="image_unreadable")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -139,6 +153,26 @@ class ImageLocator:
                                 f"image {image_id!r} -> {name!r}: {exc.message}", kind=exc.kind) from None
             if full.is_file():
                 return full.relative_to(self.root).as_posix()
-        shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
         raise DataError(file if file is not None else self.root, record, field,
-                        f"image {image_id!r} not found under {self.root} (tried {shown})", kind="image_missing")
+                        f"image {image_id!r} not found under {self.root} (tried {self.describe(image_id, hints)})",
+                        kind="image_missing")
+
+    def describe(self, image_id: str, hints: dict[str, str] | None = None, limit: int = 12) -> str:
+        """The names :meth:`candidates` tries, one entry per pattern (``abc.{jpg,png}``), for error messages.
+
+        Every pattern is shown (up to ``limit``), so a later pattern such as PhotoChat's
+        ``{url_basename}`` is never hidden behind the extension variants of the first one.
+        """
+        fields_ = {"id": image_id, "id_basename": image_id.rsplit("/", 1)[-1],
+                   "id_safe": image_id.replace("/", "_"), **(hints or {})}
+        exts = "{" + ",".join(self.extensions) + "}" if len(self.extensions) > 1 else \
+            (self.extensions[0] if self.extensions else "")
+        shown: list[str] = []
+        for pattern in self.patterns:
+            try:
+                name = pattern.format(**fields_, ext=exts)
+            except (KeyError, IndexError):
+                continue  # candidates() already raised for an unknown field
+            if name not in shown:
+                shown.append(name)
+        return ", ".join(shown[:limit]) + (f", ... ({len(shown) - limit} more patterns)" if len(shown) > limit else "")

@@ -18,8 +18,40 @@ def load_json_file(path: str | Path) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise DataError(path, f"line {exc.lineno}", None, f"malformed JSON at line {exc.lineno} column {exc.colno}: "
-                        f"{exc.msg}", kind="malformed_json") from None
+        raise json_error(path, exc) from None
+
+
+def ends_early(exc: json.JSONDecodeError) -> bool:
+    """True when the decoder failed because the text stopped, not because of a bad character.
+
+    The C scanner reports an unterminated string at the string's start, every other
+    cut-off at the end of the (whitespace-stripped) text.
+    """
+    return exc.msg.startswith("Unterminated string") or exc.pos >= len(exc.doc.rstrip())
+
+
+def json_error(path: str | Path, exc: json.JSONDecodeError) -> DataError:
+    """DataError for a decoder error on a whole file; a cut-off file is called that ("ends early")."""
+    if not exc.doc.strip():
+        return DataError(path, None, None, "the file is empty (expected JSON)", kind="malformed_json")
+    if ends_early(exc):
+        end = exc.doc.rstrip()
+        line = exc.doc.count("\n", 0, len(end)) + 1
+        return ends_early_error(path, line, len(end) - end.rfind("\n"), f"{len(exc.doc)} characters",
+                                f"{exc.msg} at line {exc.lineno} column {exc.colno}")
+    return malformed_error(path, exc.lineno, exc.colno, exc.msg)
+
+
+def ends_early_error(path: object, line: int, column: int, size: str, detail: str) -> DataError:
+    """The file stops inside a value: a truncated download or copy. ``line``/``column``: where it stops."""
+    return DataError(path, f"line {line}", None, f"the file ends early (truncated?): the JSON text stops at line "
+                     f"{line} column {column} (end of file, {size}) while a value is still open ({detail})",
+                     kind="malformed_json")
+
+
+def malformed_error(path: object, line: int, column: int, msg: str) -> DataError:
+    return DataError(path, f"line {line}", None, f"malformed JSON at line {line} column {column}: {msg}",
+                     kind="malformed_json")
 
 
 def first_char(path: str | Path) -> str:
@@ -52,5 +84,14 @@ def iter_json_lines(path: str | Path) -> Iterator[tuple[int, Any | DataError]]:
             try:
                 yield lineno, json.loads(line)
             except json.JSONDecodeError as exc:
-                yield lineno, DataError(path, f"line {lineno}", None, f"malformed JSON Lines record at column "
-                                        f"{exc.colno}: {exc.msg}", kind="malformed_json")
+                yield lineno, json_line_error(path, lineno, line, exc)
+
+
+def json_line_error(path: object, lineno: int, line: str, exc: json.JSONDecodeError) -> DataError:
+    """Error for one bad JSON Lines record; a last line cut off mid-record says the file ends early."""
+    if not line.endswith("\n") and ends_early(exc):
+        end = len(line.rstrip())
+        return ends_early_error(path, lineno, end + 1, "on its last line",
+                                f"{exc.msg} at column {exc.colno}")
+    return DataError(path, f"line {lineno}", None, f"malformed JSON Lines record at column {exc.colno}: {exc.msg}",
+                     kind="malformed_json")

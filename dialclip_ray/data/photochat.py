@@ -4,8 +4,10 @@ Input is one shard (``dev_01.json``) or a directory of shards, possibly nested i
 split directories. The split comes from the file name prefix (``train_``,
 ``dev_``, ``test_``), falling back to the parent directory name. ``dialogue_id``
 restarts per split, so example ids are ``photochat/<split>/<dialogue_id>``.
-The context is every turn *before* the single ``share_photo`` turn: the turns
-after it react to the photo and would leak the answer.
+The context is every turn *before* the single share: the turns after it react to
+the photo and would leak the answer. Real files sometimes record one share as two
+or three consecutive ``share_photo: true`` turns; such a run is one share (context
+= the turns before its first turn). Share turns that are not consecutive are an error.
 """
 
 from __future__ import annotations
@@ -93,10 +95,15 @@ def parse_dialogue(obj: Any, file: Path, index: int, split: str) -> tuple[dict, 
             raise DataError(file, record, f"{where}.user_id", f"must be >= 0, got {user}", kind="wrong_type")
         parsed.append((message, share, user))
     shares = [i for i, (_, share, _) in enumerate(parsed) if share]
-    if len(shares) != 1:
-        what = "no turn has share_photo: true" if not shares else \
-            f"{len(shares)} turns have share_photo: true (turns {shares}); exactly one is required"
-        raise DataError(file, record, "dialogue[*].share_photo", what, kind="share_turn")
+    if not shares:
+        raise DataError(file, record, "dialogue[*].share_photo", "no turn has share_photo: true",
+                        kind="share_turn")
+    if shares[-1] - shares[0] + 1 != len(shares):
+        # real files record one share as 2-3 consecutive share turns; separate shares are two photos
+        raise DataError(file, record, "dialogue[*].share_photo",
+                        f"{len(shares)} turns have share_photo: true (turns {shares}) and they are not "
+                        f"consecutive: exactly one share (one turn or one run of consecutive turns) is required",
+                        kind="share_turn")
 
     photo_id = obj.get("photo_id")
     if photo_id is not None and (not isinstance(photo_id, str) or not photo_id.strip()):

@@ -18,7 +18,8 @@ from typing import Literal, Sequence
 from tqdm import tqdm
 
 from dialclip_ray.data.errors import DataError, ErrorPolicy, OnError
-from dialclip_ray.data.images import DEFAULT_EXTENSIONS, DEFAULT_MAX_PIXELS, ImageLocator, image_size
+from dialclip_ray.data.images import (DEFAULT_EXTENSIONS, DEFAULT_MAX_PIXELS, ImageLocator, check_relative_name,
+                                       image_size)
 from dialclip_ray.data.schema import ImageRef, LoadedSource, check_output_dir, write_dataset_dir
 
 Format = Literal["photochat", "mmdialog"]
@@ -56,27 +57,61 @@ def _locate(locator: ImageLocator, ref: ImageRef) -> str:
     raise missing
 
 
-def prepare(format: Format, input: str | Path, images: str | Path | None, out: str | Path,
-            on_error: OnError = "fail", image_patterns: Sequence[str] | None = None,
-            extensions: Sequence[str] = DEFAULT_EXTENSIONS, max_pixels: int = DEFAULT_MAX_PIXELS,
-            progress: bool = True, workers: int = 8) -> dict:
-    """Convert ``input`` into the dataset dir ``out``; returns the meta written to ``out/meta.json``.
+def probe_image(locator: ImageLocator, ref: ImageRef, max_pixels: int, check: bool = True) -> dict | DataError:
+    """The images-table row of ``ref``'s image (path found by the patterns, size from the header), or its error.
 
-    ``images`` is the image root (MMDialog default: the input root, where ``<split>/<key>.jpg`` live).
+    ``check=False`` skips the file system: the path is the first pattern's name (still confined to the
+    root by name), width and height are left empty.
     """
-    policy = ErrorPolicy(on_error)
-    input = Path(input)
-    check_output_dir(out)  # fail before the long work, not after it
-    source, default_patterns = _load(format, input, policy, progress)
+    if not check:
+        name = locator.candidates(ref.image_id, ref.hints)[0]
+        try:
+            check_relative_name(name, record=ref.record, field=ref.field)
+        except DataError as err:
+            return DataError(ref.file, ref.record, ref.field, f"image {ref.image_id!r} -> {name!r}: {err.message}",
+                             kind=err.kind)
+        return {"image_id": ref.image_id, "path": name, "width": None, "height": None}
+    try:
+        rel = _locate(locator, ref)
+        w, h = image_size(locator.root / rel, max_pixels, record=ref.record, field=ref.field)
+    except DataError as err:
+        if err.kind == "image_missing":
+            return err
+        # name the source file too: the image file alone does not say who referenced it
+        return DataError(err.file, err.record, err.field, f"{err.message} (referenced in {ref.file})", kind=err.kind)
+    return {"image_id": ref.image_id, "path": rel, "width": w, "height": h}
+
+
+def default_image_root(format: str, input: Path, images: str | Path | None) -> Path:
+    """``images``, or for MMDialog the input root (images live at ROOT/<split>/<key>.jpg beside the split dirs)."""
     if images is None:
         if format != "mmdialog":
             raise ValueError("--images (the image root) is required for PhotoChat")
-        from dialclip_ray.data.mmdialog import CONVERSATIONS  # images live at ROOT/<split>/<key>.jpg beside the split dirs
+        from dialclip_ray.data.mmdialog import CONVERSATIONS
         images = input.parent.parent if input.is_file() else \
             input.parent if (input / CONVERSATIONS).is_file() else input
     root = Path(images)
     if not root.is_dir():
         raise FileNotFoundError(f"image root {root} is not a directory")
+    return root
+
+
+def prepare(format: Format, input: str | Path, images: str | Path | None, out: str | Path,
+            on_error: OnError = "fail", image_patterns: Sequence[str] | None = None,
+            extensions: Sequence[str] = DEFAULT_EXTENSIONS, max_pixels: int = DEFAULT_MAX_PIXELS,
+            progress: bool = True, workers: int = 8, check_images: bool = True) -> dict:
+    """Convert ``input`` into the dataset dir ``out``; returns the meta written to ``out/meta.json``.
+
+    ``images`` is the image root (MMDialog default: the input root, where ``<split>/<key>.jpg`` live).
+    ``check_images=False`` writes the first pattern's file name for every image without opening it.
+    Everything is held in memory; for the full MMDialog train split use
+    :func:`dialclip_ray.data.mmdialog_stream.convert_mmdialog` (what the CLI runs for MMDialog).
+    """
+    policy = ErrorPolicy(on_error)
+    input = Path(input)
+    check_output_dir(out)  # fail before the long work, not after it
+    source, default_patterns = _load(format, input, policy, progress)
+    root = default_image_root(format, input, images)
     locator = ImageLocator(root, tuple(image_patterns or default_patterns), tuple(extensions))
 
     users: dict[str, list[int]] = defaultdict(list)
@@ -88,17 +123,7 @@ def prepare(format: Format, input: str | Path, images: str | Path | None, out: s
         raise RuntimeError(f"images used by rows but never referenced: {missing_refs[:5]}")
 
     def probe(image_id: str) -> dict | DataError:
-        ref = source.images[image_id]
-        try:
-            rel = _locate(locator, ref)
-            w, h = image_size(locator.root / rel, max_pixels, record=ref.record, field=ref.field)
-        except DataError as err:
-            if err.kind == "image_missing":
-                return err
-            # name the source file too: the image file alone does not say who referenced it
-            return DataError(err.file, err.record, err.field, f"{err.message} (referenced in {ref.file})",
-                             kind=err.kind)
-        return {"image_id": image_id, "path": rel, "width": w, "height": h}
+        return probe_image(locator, source.images[image_id], max_pixels, check_images)
 
     image_rows: list[dict] = []
     bad_rows: set[int] = set()
@@ -137,6 +162,7 @@ def prepare(format: Format, input: str | Path, images: str | Path | None, out: s
         "image_root": str(locator.root),
         "image_patterns": list(locator.patterns),
         "max_pixels": max_pixels,
+        "image_check": check_images,
         "counts": {"examples": len(rows), "images": len(image_rows), "texts": len(text_rows),
                    "by_split": {s: dict(c) for s, c in sorted(per_split.items())}},
         "skipped": {**policy.report(), "examples_dropped_for_images": len(bad_rows)},

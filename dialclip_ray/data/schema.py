@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from datetime import datetime, timezone
@@ -20,6 +18,8 @@ from typing import Any, Iterable, Mapping
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from dialclip_ray.fsio import atomic_write, atomic_write_text, staging_dir
 
 FORMAT_VERSION = 1
 SOURCES = ("photochat", "mmdialog")
@@ -66,31 +66,14 @@ def to_table(rows: pa.Table | Iterable[Mapping[str, Any]], schema: pa.Schema) ->
     return pa.Table.from_pylist(list(rows), schema=schema)
 
 
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-
-
 def write_table_atomic(table: pa.Table, path: str | os.PathLike) -> Path:
-    """Write Parquet to a temporary file in the same directory, then ``os.replace`` it into place."""
-    path = Path(path)
-    tmp = _tmp_name(path)
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    """Write Parquet atomically (``fsio.atomic_write``)."""
+    return atomic_write(path, lambda p: pq.write_table(table, p))
 
 
 def write_json_atomic(data: Any, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    tmp = _tmp_name(path)
-    try:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    """Write sorted, indented JSON atomically (``fsio.atomic_write_text``)."""
+    return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def is_dataset_dir(path: str | os.PathLike) -> bool:
@@ -116,16 +99,12 @@ def check_output_dir(out_dir: str | os.PathLike) -> Path:
 def write_dataset_dir(out_dir: str | os.PathLike, examples, images, texts, meta: Mapping[str, Any]) -> Path:
     """Write the three tables and meta.json into a temp dir beside ``out_dir``, then swap it into place.
 
-    An existing dataset dir is renamed aside, the new one renamed in, then the old one
-    deleted: readers see the old or the new dataset, never a mix. A failure leaves
-    ``out_dir`` as it was.
+    ``fsio.staging_dir``: an existing dataset dir is renamed aside, the new one renamed in,
+    then the old one deleted: readers see the old or the new dataset, never a mix. A
+    failure leaves ``out_dir`` as it was.
     """
     out = check_output_dir(out_dir).absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
-    old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-    try:
-        tmp.mkdir()
+    with staging_dir(out, tag="tmp") as tmp:
         tables = {name: to_table(rows, TABLES[name]) for name, rows in
                   (("examples", examples), ("images", images), ("texts", texts))}
         for name, table in tables.items():
@@ -134,15 +113,6 @@ def write_dataset_dir(out_dir: str | os.PathLike, examples, images, texts, meta:
                      "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **meta}
         full_meta["format_version"] = FORMAT_VERSION
         write_json_atomic(full_meta, tmp / META_FILE)
-        if out.is_dir() and any(out.iterdir()):
-            os.replace(out, old)
-        os.replace(tmp, out)  # replaces an empty dir too
-    except BaseException:
-        if old.exists() and not out.exists():
-            os.replace(old, out)  # put the previous dataset back
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
     return out
 
 

@@ -17,6 +17,7 @@ from dialclip_ray.model.batch import RETRIEVAL_TYPES, TARGET_TYPES
 from dialclip_ray.data.dataset import CanonicalDataset, ReaderConfig
 from dialclip_ray.evaluation.local import candidate_pool, ranks_for, summarise
 from dialclip_ray.evaluation.metrics import grouped_metrics
+from dialclip_ray.features.store import ensure_store, open_for_model
 
 
 class EncoderActor:
@@ -26,7 +27,8 @@ class EncoderActor:
     one actor pool embeds a split's queries and both candidate pools in a single pass.
     """
 
-    def __init__(self, checkpoint: str, dataset_dir: str, split: str | None = None, threads: int = 1):
+    def __init__(self, checkpoint: str, dataset_dir: str, split: str | None = None, threads: int = 1,
+                 features: str = "off"):
         import torch
 
         from dialclip_ray.model.checkpoint import load_checkpoint
@@ -40,13 +42,14 @@ class EncoderActor:
         self.reader = ReaderConfig.from_model_config(self.model.cfg)
         self.load_image = image_loader(self.dataset, self.backbone.preprocess_val)
         self.records = {r.id: r for r in self.dataset.examples(split)} if split else {}
+        self.features = open_for_model(dataset_dir, self.model, features) if split else None
 
     def _embed(self, kind: str, keys: list[str]) -> np.ndarray:
         from dialclip_ray.evaluation.local import embed_images, embed_queries, embed_texts
 
         if kind == "query":
             return embed_queries(self.model, [self.records[k] for k in keys], self.backbone.tokenizer,
-                                 self.load_image, self.reader, len(keys), self.device)
+                                 self.load_image, self.reader, len(keys), self.device, self.features)
         if kind == "image":
             return embed_images(self.model, keys, self.load_image, len(keys), self.device)
         return embed_texts(self.model, [self.dataset.text(k) for k in keys], self.backbone.tokenizer,
@@ -65,8 +68,8 @@ class EncoderActor:
 
 
 def embed_many_with_ray(checkpoint: str, dataset_dir: str, items: list[tuple[str, str]], split: str | None = None,
-                        actors: int = 2, batch_size: int = 64,
-                        gpu_fraction: float | None = None) -> dict[tuple[str, str], np.ndarray]:
+                        actors: int = 2, batch_size: int = 64, gpu_fraction: float | None = None,
+                        features: str = "off") -> dict[tuple[str, str], np.ndarray]:
     """Embeddings of ``(kind, key)`` items computed by a pool of ``actors`` encoder actors."""
     import ray
     import ray.data
@@ -79,7 +82,7 @@ def embed_many_with_ray(checkpoint: str, dataset_dir: str, items: list[tuple[str
     ds = ray.data.from_items([{"kind": kind, "key": key} for kind, key in items])
     out = ds.map_batches(
         EncoderActor, fn_constructor_kwargs=dict(checkpoint=str(checkpoint), dataset_dir=str(dataset_dir),
-                                                 split=split),
+                                                 split=split, features=features),
         compute=ActorPoolStrategy(size=actors), batch_size=batch_size,
         num_cpus=0.5 if not gpu_fraction else 0.25, num_gpus=gpu_fraction or None)
     found = {}
@@ -100,9 +103,18 @@ def embed_with_ray(checkpoint: str, dataset_dir: str, kind: str, keys: list[str]
 
 
 def evaluate_with_ray(checkpoint: str | Path, dataset_dir: str | Path, split: str, actors: int = 2,
-                      batch_size: int = 64, max_examples: int | None = None) -> dict:
-    """The metrics of ``evaluation.evaluate_model``, with all embedding done in one Ray Data pass."""
+                      batch_size: int = 64, max_examples: int | None = None, features: str = "auto") -> dict:
+    """The metrics of ``evaluation.evaluate_model``, with all embedding done in one Ray Data pass.
+
+    ``features``: ``auto`` builds the dataset's frozen feature store when missing and reads
+    context features from it; ``require`` insists on an existing one; ``off`` runs the towers.
+    """
+    from dialclip_ray.model.checkpoint import read_checkpoint
+    from dialclip_ray.model.config import DialCLIPConfig
+
     checkpoint, dataset_dir = str(Path(checkpoint).resolve()), str(Path(dataset_dir).resolve())
+    ensure_store(dataset_dir, DialCLIPConfig.model_validate(read_checkpoint(checkpoint)[0]["config"]), features,
+                 actors)
     dataset = CanonicalDataset.load(dataset_dir)
     plan = {}
     for target_type in TARGET_TYPES:
@@ -111,7 +123,8 @@ def evaluate_with_ray(checkpoint: str | Path, dataset_dir: str | Path, split: st
             plan[target_type] = (records, candidate_pool(dataset, records, split, target_type))
     items = [("query", r.id) for records, _ in plan.values() for r in records]
     items += list(dict.fromkeys((t, c) for t, (_, pool) in plan.items() for c in pool))
-    found = embed_many_with_ray(checkpoint, dataset_dir, items, split, actors, batch_size)
+    found = embed_many_with_ray(checkpoint, dataset_dir, items, split, actors, batch_size,
+                                features="off" if features == "off" else "require")
     per_type = {}
     for target_type, (records, pool_ids) in plan.items():
         queries = np.stack([found[("query", r.id)] for r in records])

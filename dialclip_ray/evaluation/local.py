@@ -9,7 +9,7 @@ reported per retrieval type. This is the reference the distributed evaluation
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -19,6 +19,9 @@ from dialclip_ray.data.dataset import CanonicalDataset, ExampleRecord, ReaderCon
 from dialclip_ray.evaluation.metrics import grouped_metrics, ranks_all_candidates, ranks_per_example
 from dialclip_ray.model.text import tokenize_texts
 
+if TYPE_CHECKING:
+    from dialclip_ray.features.store import FeatureStore
+
 
 def _batches(items: Sequence, size: int):
     for start in range(0, len(items), size):
@@ -27,9 +30,11 @@ def _batches(items: Sequence, size: int):
 
 @torch.no_grad()
 def embed_queries(model, records: Sequence[ExampleRecord], tokenizer: Any, load_image: Callable,
-                  reader: ReaderConfig, batch_size: int = 64, device: str | torch.device = "cpu") -> np.ndarray:
-    out = [model.encode_query(build_query_batch(chunk, tokenizer, load_image, reader).to(device)).float().cpu()
-           for chunk in _batches(list(records), batch_size)]
+                  reader: ReaderConfig, batch_size: int = 64, device: str | torch.device = "cpu",
+                  features: FeatureStore | None = None) -> np.ndarray:
+    batches = (build_query_batch(chunk, tokenizer, load_image, reader, features)
+               for chunk in _batches(list(records), batch_size))
+    out = [model.encode_query(q.to(device)).float().cpu() for q in batches]
     return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
 
 
@@ -76,8 +81,12 @@ def summarise(per_type: dict[str, dict[str, float]]) -> dict:
 
 def evaluate_model(model, backbone, dataset: CanonicalDataset, split: str, reader: ReaderConfig | None = None,
                    batch_size: int = 64, device: str | torch.device = "cpu",
-                   max_examples: int | None = None) -> dict:
-    """Metrics of ``model`` on one split (every target type present), single process."""
+                   max_examples: int | None = None, features: FeatureStore | None = None) -> dict:
+    """Metrics of ``model`` on one split (every target type present), single process.
+
+    ``features``: the dataset's frozen feature store (the same numbers, without running the
+    frozen towers over every context turn and image).
+    """
     reader = reader or ReaderConfig.from_model_config(model.cfg)
     load = image_loader(dataset, backbone.preprocess_val)
     was_training = model.training
@@ -88,7 +97,8 @@ def evaluate_model(model, backbone, dataset: CanonicalDataset, split: str, reade
             records = dataset.examples(split, target_type)[:max_examples]
             if not records:
                 continue
-            queries = embed_queries(model, records, backbone.tokenizer, load, reader, batch_size, device)
+            queries = embed_queries(model, records, backbone.tokenizer, load, reader, batch_size, device,
+                                    features)
             pool_ids = candidate_pool(dataset, records, split, target_type)
             pool = (embed_images(model, pool_ids, load, batch_size, device) if target_type == "image" else
                     embed_texts(model, [dataset.text(t) for t in pool_ids], backbone.tokenizer,

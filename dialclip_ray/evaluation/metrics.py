@@ -1,4 +1,4 @@
-"""Retrieval metrics for the two evaluation protocols of design.md s3.2/s3.3.
+"""Retrieval metrics for the two evaluation protocols (PhotoChat: all test photos; MMDialog: 999 negatives + target).
 
 Ties are counted *against* the model (pessimistic rank):
 
@@ -52,25 +52,25 @@ def _ranks_from_matrix(scores: np.ndarray, targets: np.ndarray, valid: np.ndarra
 
 
 def recall_at_k(ranks: Sequence[int] | np.ndarray, k: int) -> float:
-    """Fraction (0..1) of queries whose target rank is <= k."""
+    """Percent (0..100) of queries whose target rank is <= k."""
     r = _as_ranks(ranks)
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    return float(np.mean(r <= k)) if r.size else 0.0
+    return 100.0 * float(np.mean(r <= k)) if r.size else 0.0
 
 
 def mrr(ranks: Sequence[int] | np.ndarray) -> float:
-    """Mean reciprocal rank (0..1)."""
+    """Mean reciprocal rank, in percent (0..100)."""
     r = _as_ranks(ranks)
-    return float(np.mean(1.0 / r)) if r.size else 0.0
+    return 100.0 * float(np.mean(1.0 / r)) if r.size else 0.0
 
 
 def retrieval_metrics(ranks: Sequence[int] | np.ndarray, ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
     """``{"R@k": %, ..., "Sum": sum of the R@k, "MRR": %, "count": n}``."""
     r = _as_ranks(ranks)
-    out: dict[str, float] = {f"R@{k}": 100.0 * recall_at_k(r, k) for k in ks}
+    out: dict[str, float] = {f"R@{k}": recall_at_k(r, k) for k in ks}
     out["Sum"] = float(sum(out[f"R@{k}"] for k in ks))
-    out["MRR"] = 100.0 * mrr(r)
+    out["MRR"] = mrr(r)
     out["count"] = int(r.size)
     return out
 

@@ -1,4 +1,4 @@
-"""Sharded FAISS retrieval index: manifest, index factory, build/search/merge (design.md s4)."""
+"""Sharded FAISS retrieval index: manifest, index factory, build/search/merge (README: Ray topology, FAISS shards)."""
 
 from dialclip_ray.index.factory import KINDS, gpu_available, make_index, validate_params
 from dialclip_ray.index.manifest import MANIFEST_NAME, IndexManifest, IndexManifestError, ShardEntry

@@ -6,13 +6,8 @@ Every image and text id of the corpora is embedded by an actor pool of encoders
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -20,9 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dialclip_ray.fsio import replace_dir
 from dialclip_ray.data.schema import read_meta
-from dialclip_ray.index.manifest import IndexManifest, atomic_write_text
 
 from dialclip_ray.index.layout import TARGETS, IndexLayout, checkpoint_identity, write_index
 
@@ -82,12 +75,13 @@ def build_index(checkpoint: str | os.PathLike, corpus_dirs: Sequence[str | os.Pa
                 use_gpu: bool | None = None) -> IndexLayout:
     """Embed every image/text of ``corpus_dirs`` with ``checkpoint`` and write ``OUT/{image,text}/``.
 
-    Needs a running Ray (``ray_utils.ensure_ray``). A modality with fewer items than
+    Starts (or joins) Ray itself (``runtime.ensure_ray``). A modality with fewer items than
     ``shards`` gets one shard per item; a modality absent from every corpus is skipped.
     """
     from tqdm.auto import tqdm
 
     from dialclip_ray.index import validate_params
+    from dialclip_ray.runtime import ensure_ray
 
     out = Path(out).resolve()
     checkpoint = str(Path(checkpoint).resolve())
@@ -107,6 +101,7 @@ def build_index(checkpoint: str | os.PathLike, corpus_dirs: Sequence[str | os.Pa
     for d in dirs:
         meta = read_meta(d)
         corpora.append({"dir": str(d), "source": meta.get("source", ""), "image_root": meta.get("image_root")})
+    ensure_ray(num_cpus=actors)
     modalities = {}
     for target in tqdm(list(target_types), desc="embedding modalities", disable=None):
         items = collect_items(dirs, target)

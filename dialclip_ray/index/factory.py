@@ -17,6 +17,8 @@ import faiss
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from dialclip_ray.errors import format_validation_error
+
 IndexKind = Literal["flat", "ivf", "ivfpq", "hnsw"]
 KINDS: tuple[str, ...] = ("flat", "ivf", "ivfpq", "hnsw")
 
@@ -62,7 +64,7 @@ def validate_params(kind: str, params: dict[str, Any] | None) -> _Params:
     try:
         return PARAM_MODELS[kind].model_validate(params or {})
     except ValidationError as err:
-        raise ValueError(f"invalid params for index kind {kind!r}: {err}") from None
+        raise ValueError(format_validation_error(err, f"invalid params for index kind {kind!r}")) from None
 
 
 def gpu_available() -> bool:

@@ -19,8 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,11 +26,9 @@ from typing import Any, Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from dialclip_ray.fsio import replace_dir
-from dialclip_ray.data.schema import read_meta
-from dialclip_ray.index.manifest import IndexManifest, atomic_write_text
+from dialclip_ray.fsio import atomic_write_text, staging_dir
+from dialclip_ray.index.manifest import IndexManifest
 
 INFO_FILE = "index.json"
 FORMAT_VERSION = 1
@@ -132,9 +128,7 @@ def write_index(out: str | os.PathLike, modalities: dict[str, tuple[Sequence[str
     bad = [t for t in modalities if t not in TARGETS]
     if bad or not modalities:
         raise ValueError(f"modalities must be a non-empty subset of {TARGETS}, got {list(modalities)}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
-    try:
+    with staging_dir(out) as tmp:
         summary = {}
         for target, (ids, vectors, metadata) in modalities.items():
             manifest = build_sharded_index(ids, vectors, tmp / target, shards=min(shards, len(ids)), kind=kind,
@@ -144,8 +138,4 @@ def write_index(out: str | os.PathLike, modalities: dict[str, tuple[Sequence[str
                 "corpora": list(corpora), "kind": kind, "params": dict(params or {}), "modalities": summary,
                 "created": datetime.now(timezone.utc).isoformat()}
         atomic_write_text(tmp / INFO_FILE, json.dumps(info, indent=2))  # last: its presence = complete
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return IndexLayout.load(out)

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from dialclip_ray.errors import format_validation_error
+from dialclip_ray.fsio import atomic_write_text
 from dialclip_ray.index.factory import IndexKind, validate_params
 
 MANIFEST_NAME = "manifest.json"
@@ -74,7 +75,7 @@ class IndexManifest(BaseModel):
         return self
 
     def save(self, index_dir: str | os.PathLike) -> Path:
-        """Write ``manifest.json`` atomically (temp file in the same dir, then ``os.replace``)."""
+        """Write ``manifest.json`` atomically (``fsio.atomic_write_text``)."""
         path = Path(index_dir) / MANIFEST_NAME
         atomic_write_text(path, self.model_dump_json(indent=2))
         return path
@@ -92,25 +93,10 @@ class IndexManifest(BaseModel):
         try:
             manifest = cls.model_validate(raw)
         except ValidationError as err:
-            fields = "; ".join(f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in err.errors())
-            raise IndexManifestError(f"{path}: invalid manifest: {fields}") from None
+            raise IndexManifestError(format_validation_error(err, f"{path}: invalid manifest")) from None
         if check_files:
             for i, s in enumerate(manifest.shards):
                 for name in (s.index_file, s.id_map_file):
                     if not (Path(index_dir) / name).is_file():
                         raise IndexManifestError(f"{path}: shards[{i}] file {name!r} is missing")
         return manifest
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

@@ -14,8 +14,6 @@ so the merge needs no id maps, and string ids travel with each shard's answer
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from dialclip_ray.fsio import replace_dir
+from dialclip_ray.fsio import atomic_write, staging_dir
 from dialclip_ray.index.factory import add_vectors, resolve_use_gpu, set_search_params, to_gpu, train_template
 from dialclip_ray.index.manifest import IndexManifest, IndexManifestError, ShardEntry
 
@@ -75,13 +73,9 @@ def _validate_inputs(ids: Sequence[str], vectors: np.ndarray, shards: int, metad
 
 
 def _write_shard(tmp_dir: Path, entry: ShardEntry, index: faiss.Index, id_table: pa.Table) -> None:
-    """Both files go to a temp name first, then ``os.replace`` (no half-written file under the final name)."""
-    idx_tmp = tmp_dir / f".{entry.index_file}.tmp"
-    faiss.write_index(index, str(idx_tmp))
-    os.replace(idx_tmp, tmp_dir / entry.index_file)
-    map_tmp = tmp_dir / f".{entry.id_map_file}.tmp"
-    pq.write_table(id_table, map_tmp)
-    os.replace(map_tmp, tmp_dir / entry.id_map_file)
+    """Both files are written atomically (no half-written file under the final name)."""
+    atomic_write(tmp_dir / entry.index_file, lambda p: faiss.write_index(index, str(p)))
+    atomic_write(tmp_dir / entry.id_map_file, lambda p: pq.write_table(id_table, p))
 
 
 def build_sharded_index(
@@ -107,9 +101,7 @@ def build_sharded_index(
         raise FileExistsError(f"{out} already exists (pass overwrite=True to replace it)")
     x = _validate_inputs(ids, vectors, shards, metadata)
     n, dim = x.shape
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
-    try:
+    with staging_dir(out) as tmp:
         template = train_template(kind, dim, params, x, use_gpu=use_gpu)
         bounds = [i * n // shards for i in range(shards + 1)]
         entries = []
@@ -129,10 +121,6 @@ def build_sharded_index(
         manifest = IndexManifest(dim=dim, kind=kind, params=dict(params or {}), shards=entries,
                                  total_count=n, identity=dict(identity or {}))
         manifest.save(tmp)  # last file written inside the temp dir
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 

@@ -14,6 +14,7 @@ attentional pooler do not have.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Any, Callable
 
 import open_clip
 import torch
+from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 from open_clip.transformer import VisionTransformer
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -60,6 +62,68 @@ class Backbone:
     @property
     def context_length(self) -> int:
         return int(self.model.context_length)
+
+
+@dataclass(frozen=True)
+class BackboneGeometry:
+    """The sizes of a backbone that configs and data need before (or without) loading it."""
+
+    model_name: str
+    image_size: int       # input pixels per side
+    text_layers: int      # blocks of the text transformer
+    vision_layers: int    # blocks of the ViT image tower
+    context_length: int   # text tokens per sequence
+    embed_dim: int        # shared embedding size (output of the projections)
+
+
+def _cfg_value(section: dict, cls: type, name: str) -> Any:
+    """``section[name]``, or open_clip's own default for it (what open_clip builds when the key is absent)."""
+    if name in section:
+        return section[name]
+    return {f.name: f for f in dataclasses.fields(cls)}[name].default
+
+
+def backbone_geometry(model_name: str) -> BackboneGeometry:
+    """Image size, depths, context length and embedding size of ``model_name`` from open_clip's config.
+
+    The one place these are read. Reads the registered config (our own, open_clip's, or an
+    ``hf-hub:``/``local-dir:`` one) without building the model or loading weights. There is no
+    guessed fallback: a model whose config cannot be read, or whose towers are not the ViT +
+    built-in text transformer the prompt injection wraps, raises ``UnsupportedBackboneError``.
+    A key the config leaves out takes open_clip's own default, i.e. what open_clip would build.
+    """
+    register_model_configs()
+    try:
+        cfg = open_clip.get_model_config(model_name)
+    except Exception as exc:  # hf-hub / local-dir: download or file errors
+        raise UnsupportedBackboneError(f"cannot read open_clip's config of {model_name!r}: {exc}") from None
+    if not cfg:
+        raise UnsupportedBackboneError(
+            f"unknown open_clip model {model_name!r}: open_clip has no config for it "
+            f"(see open_clip.list_models(), or use an hf-hub:/local-dir: name)")
+    vision, text = cfg.get("vision_cfg") or {}, cfg.get("text_cfg") or {}
+    if not isinstance(vision, dict) or not isinstance(text, dict):
+        raise UnsupportedBackboneError(f"backbone {model_name!r}: vision_cfg/text_cfg are not mappings in its config")
+    if vision.get("timm_model_name") or text.get("hf_model_name"):
+        raise UnsupportedBackboneError(
+            f"backbone {model_name!r} uses a timm image tower or an HF text tower; supported: a ViT image "
+            f"tower and open_clip's built-in text transformer")
+    size = _cfg_value(vision, CLIPVisionCfg, "image_size")
+    if isinstance(size, (list, tuple)):
+        if len(set(size)) != 1:
+            raise UnsupportedBackboneError(f"backbone {model_name!r}: non-square image_size {list(size)}")
+        size = size[0]
+    vision_layers = _cfg_value(vision, CLIPVisionCfg, "layers")
+    if not isinstance(vision_layers, int):
+        raise UnsupportedBackboneError(
+            f"backbone {model_name!r} has a ResNet image tower (layers {vision_layers}); supported: ViT towers")
+    if "embed_dim" not in cfg:
+        raise UnsupportedBackboneError(f"backbone {model_name!r}: its open_clip config has no embed_dim")
+    return BackboneGeometry(model_name=model_name, image_size=int(size),
+                            text_layers=int(_cfg_value(text, CLIPTextCfg, "layers")),
+                            vision_layers=int(vision_layers),
+                            context_length=int(_cfg_value(text, CLIPTextCfg, "context_length")),
+                            embed_dim=int(cfg["embed_dim"]))
 
 
 def check_supported(model: torch.nn.Module, model_name: str) -> None:

@@ -16,6 +16,9 @@ Shapes (B examples, T context turns, M context images, L = 77 text tokens):
 - ``image_mask``    [B, M]     True where an image exists
 - ``image_turn``    [B, M]     index of the turn the image belongs to
 - ``retrieval_type`` [B]       0 = dialog_to_image, 1 = dialog_to_text
+- ``turn_features`` [B, T, E]  optional: frozen CLIP features of the turns (feature store); when
+                               present the model never runs the towers over the context, and
+- ``image_features`` [B, M, E] the context images need not be loaded (``images`` is then a stub)
 """
 
 from __future__ import annotations
@@ -46,16 +49,23 @@ class QueryBatch:
     image_mask: torch.Tensor
     image_turn: torch.Tensor
     retrieval_type: torch.Tensor
+    turn_features: torch.Tensor | None = None
+    image_features: torch.Tensor | None = None
+
+    @property
+    def has_features(self) -> bool:
+        return self.turn_features is not None and self.image_features is not None
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "QueryBatch":
         return replace(self, **{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
-                                for f in fields(self)})
+                                for f in fields(self) if getattr(self, f.name) is not None})
 
     def __len__(self) -> int:
         return int(self.query_tokens.shape[0])
 
     def select(self, idx: torch.Tensor | slice | list[int]) -> "QueryBatch":
-        return replace(self, **{f.name: getattr(self, f.name)[idx] for f in fields(self)})
+        return replace(self, **{f.name: getattr(self, f.name)[idx] for f in fields(self)
+                                if getattr(self, f.name) is not None})
 
 
 @dataclass

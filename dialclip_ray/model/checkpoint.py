@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 
+from dialclip_ray.fsio import atomic_write, atomic_write_text
 from dialclip_ray.model.backbone import Backbone, load_backbone
 from dialclip_ray.model.config import DialCLIPConfig
 from dialclip_ray.model.dialclip import DialCLIP, build_model
@@ -31,18 +31,6 @@ class BackboneMismatchError(ValueError):
     pass
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def checkpoint_meta(model: DialCLIP, extra: dict | None = None) -> dict:
     return {"format_version": FORMAT_VERSION, "config": model.cfg.model_dump(mode="json"),
             "backbone": dict(model.identity), "params": parameter_report(model).as_dict(),
@@ -54,8 +42,8 @@ def save_checkpoint(model: DialCLIP, directory: str | os.PathLike, extra: dict |
     directory = Path(directory)
     meta = checkpoint_meta(model, extra)
     payload = {"meta_json": json.dumps(meta), "state": model.trainable_state_dict()}
-    _atomic_write(directory / WEIGHTS_FILE, lambda p: torch.save(payload, p))
-    _atomic_write(directory / META_FILE, lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
+    atomic_write(directory / WEIGHTS_FILE, lambda p: torch.save(payload, p))
+    atomic_write_text(directory / META_FILE, json.dumps(meta, indent=2))
     return directory
 
 

@@ -8,7 +8,8 @@ sweep's best trial is a file ``dialclip train --config`` accepts as is.
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -56,21 +57,34 @@ class DialCLIPConfig(BaseModel):
     expert_rank: int = Field(8, ge=1, le=512)
     router_hidden: int = Field(0, ge=0, description="0 = linear router")
 
+    # Zero-init gated prompt attention (towers.py): a fresh model equals zero-shot CLIP (tests/test_model.py).
+    prompt_gate: bool = False
+
     # Loss.
     learn_temperature: bool = True
 
     @model_validator(mode="after")
     def _check(self) -> "DialCLIPConfig":
+        # Contradictions are errors, never silently rewritten: what the user wrote is what runs and is saved.
         if self.variant != "dialclip":
             # Baselines have no added modules: a plain CLIP dual encoder, frozen or fully tuned.
-            self.domain_prompt_length = 0
-            self.context_prompt_length = 0
-        if self.domain_prompt_length == 0:
-            self.domain_prompt_towers = "none"
+            if self.domain_prompt_length or self.context_prompt_length:
+                raise ValueError(
+                    f"variant {self.variant!r} has no prompts: set domain_prompt_length: 0 and "
+                    f"context_prompt_length: 0 (got {self.domain_prompt_length} and {self.context_prompt_length}), "
+                    f"or use preset {self.variant!r}")
+            if self.prompt_gate:
+                raise ValueError(f"variant {self.variant!r} has no prompts to gate: set prompt_gate: false")
+        if self.domain_prompt_length and self.domain_prompt_towers == "none":
+            raise ValueError(f"domain_prompt_towers 'none' contradicts domain_prompt_length "
+                             f"{self.domain_prompt_length}: set domain_prompt_length: 0 to switch domain prompts "
+                             f"off, or name the towers (text, vision, both)")
         if self.cpg_dim % self.cpg_heads:
             raise ValueError(f"cpg_dim={self.cpg_dim} must be divisible by cpg_heads={self.cpg_heads}")
         return self
 
+    # A domain_prompt_length of 0 switches domain prompts off whatever domain_prompt_towers says (sweeps vary
+    # the length alone), so these derive the effective towers without touching the fields.
     @property
     def text_prompts(self) -> bool:
         return self.domain_prompt_length > 0 and self.domain_prompt_towers in ("text", "both")
@@ -100,17 +114,34 @@ PRESETS: dict[str, dict] = {
     # Within 0.03..0.05% of ViT-B-32, like the paper's 0.04%: text-only domain prompts, a narrow CPG, rank-1 experts.
     "paper-budget": dict(domain_prompt_length=2, domain_prompt_towers="text", context_prompt_length=8,
                          cpg_dim=32, cpg_heads=2, expert_rank=1),
-    # Baselines and ablations (issue: the synthetic benchmark).
-    "zeroshot": dict(variant="zeroshot"),
-    "finetune": dict(variant="finetune"),
+    # The default with zero-init gated prompt attention: starts exactly at zero-shot CLIP (towers.py).
+    "gated": dict(prompt_gate=True),
+    # Baselines and ablations (issue: the synthetic benchmark). Every value they need is stated here:
+    # the validator rejects contradictions instead of rewriting them.
+    "zeroshot": dict(variant="zeroshot", domain_prompt_length=0, domain_prompt_towers="none", context_prompt_length=0),
+    "finetune": dict(variant="finetune", domain_prompt_length=0, domain_prompt_towers="none", context_prompt_length=0),
     "no-context": dict(context_prompt_length=0),
-    "no-domain": dict(domain_prompt_length=0),
+    "no-domain": dict(domain_prompt_length=0, domain_prompt_towers="none"),
     "single-expert": dict(num_experts=1),
 }
 
 
+def merge_preset(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Resolve a ``preset`` key: the preset's fields, then every other key of ``values`` over them.
+
+    The one place presets are expanded (``preset()``, training configs' ``model`` section,
+    the experiment variants). ``values`` without a ``preset`` key come back as a plain copy;
+    an unknown preset name raises ``ValueError`` naming the known ones.
+    """
+    values = dict(values)
+    if "preset" not in values:
+        return values
+    name = values.pop("preset")
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+    return {**PRESETS[name], **values}
+
+
 def preset(name: str, **overrides) -> DialCLIPConfig:
     """A named preset, optionally with field overrides (validated)."""
-    if name not in PRESETS:
-        raise KeyError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
-    return DialCLIPConfig(**{**PRESETS[name], **overrides})
+    return DialCLIPConfig(**merge_preset({**overrides, "preset": name}))

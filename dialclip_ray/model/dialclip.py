@@ -13,10 +13,20 @@ Three encoders share the one backbone:
 
 Variants: ``dialclip`` (the above), ``zeroshot`` (plain frozen CLIP on the query
 window) and ``finetune`` (both CLIP towers trained, a DE++-style dual encoder).
+
+Backbone sharing: ``build_model(cfg, backbone=bb)`` may wrap one open_clip module
+in several models. Frozen variants share it and only ever freeze it (eval mode,
+``requires_grad`` off); the finetune variant trains its own deep copy, so
+building one never makes another model's backbone trainable, nor the reverse.
+
+With ``prompt_gate`` the towers run zero-init gated prompt attention
+(``towers.py``): with the experts' zero-init corrections and CLIP's temperature,
+a fresh model equals zero-shot CLIP for queries, images and texts.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -28,17 +38,21 @@ from dialclip_ray.model.batch import RETRIEVAL_TYPES, QueryBatch, TrainBatch
 from dialclip_ray.model.config import DialCLIPConfig
 from dialclip_ray.model.cpg import ContextPromptGenerator
 from dialclip_ray.model.experts import ProjectionExperts
-from dialclip_ray.model.prompts import make_text_prompts, make_vision_prompts
-from dialclip_ray.model.towers import encode_image_features, encode_text_features, project_image, project_text
+from dialclip_ray.model.feature_cache import FeatureCache, tensor_key
+from dialclip_ray.model.prompts import PromptGates, make_text_prompts, make_vision_prompts
+from dialclip_ray.model.towers import (check_gateable, encode_image_features, encode_text_features, num_heads,
+                                       project_image, project_text)
 
 MAX_LOGIT_SCALE = 4.6052  # ln(100), CLIP's clamp
 
 
 class DialCLIP(nn.Module):
     def __init__(self, clip: nn.Module, cfg: DialCLIPConfig, tokenizer: Any | None = None,
-                 backbone_identity: dict | None = None):
+                 backbone_identity: dict | None = None, seed: int = 0):
         super().__init__()
         self.cfg = cfg
+        # Finetune trains its own copy: the module passed in may be shared with frozen models (module doc).
+        clip = copy.deepcopy(clip) if cfg.variant == "finetune" else clip
         self.clip = clip
         text_layers = len(clip.transformer.resblocks)
         vision_layers = len(clip.visual.transformer.resblocks)
@@ -50,12 +64,13 @@ class DialCLIP(nn.Module):
         self.identity.setdefault("weights_hash", weights_hash(clip))
 
         depth = cfg.domain_prompt_depth
+        # Prompt init streams derive from the model seed (2s text, 2s+1 vision): seeds give different prompts.
         self.text_prompts = make_text_prompts(
             clip, cfg.domain_prompt_init, min(depth or text_layers, text_layers), cfg.domain_prompt_length,
-            tokenizer=tokenizer, task_words=cfg.task_words) if cfg.text_prompts else None
+            seed=2 * seed, tokenizer=tokenizer, task_words=cfg.task_words) if cfg.text_prompts else None
         self.vision_prompts = make_vision_prompts(
             clip.visual, cfg.domain_prompt_init, min(depth or vision_layers, vision_layers),
-            cfg.domain_prompt_length) if cfg.vision_prompts else None
+            cfg.domain_prompt_length, seed=2 * seed + 1) if cfg.vision_prompts else None
         self.cpg = ContextPromptGenerator(embed_dim, cfg.cpg_dim, text_width, cfg.context_prompt_length,
                                           cfg.cpg_heads, cfg.max_context_turns) if cfg.context_prompt_length else None
         self.query_experts = self.image_expert = self.text_expert = None
@@ -66,19 +81,29 @@ class DialCLIP(nn.Module):
             self.text_expert = ProjectionExperts(text_base, text_width, embed_dim, 1, cfg.expert_rank)
             self.image_expert = ProjectionExperts(lambda x: project_image(self.clip.visual, x),
                                                   vision_width, embed_dim, 1, cfg.expert_rank)
+        self.prompt_gates = None
+        if cfg.prompt_gate:
+            check_gateable(clip.transformer, "text")
+            check_gateable(clip.visual.transformer, "vision")
+            self.prompt_gates = PromptGates(
+                text_layers, num_heads(clip.transformer), vision_layers, num_heads(clip.visual.transformer),
+                text_domain=self.text_prompts is not None,
+                text_context_layers=text_layers - cfg.insertion_layer if self.cpg is not None else 0,
+                vision_domain=self.vision_prompts is not None)
         scale = clip.logit_scale.detach().clone().float().reshape(())
         if cfg.learn_temperature and cfg.variant != "zeroshot":
             self.logit_scale = nn.Parameter(scale)
         else:
             self.register_buffer("logit_scale", scale)
-        self._turn_cache: dict[bytes, torch.Tensor] = {}
-        self.turn_cache_size = 200_000
-        self.clip.requires_grad_(cfg.variant == "finetune")
+        if cfg.variant == "finetune":  # our own copy
+            self.clip.requires_grad_(True)
+            self.clip.train(self.training)
+        else:  # possibly shared: only ever frozen
+            self.clip.requires_grad_(False)
+            self.clip.eval()
         self.clip.logit_scale.requires_grad_(False)  # ours replaces it; an unused parameter would upset DDP
         if getattr(self.clip, "logit_bias", None) is not None:
             self.clip.logit_bias.requires_grad_(False)
-        if cfg.variant != "finetune":
-            self.clip.eval()
 
     # -- modes ---------------------------------------------------------------------------------
     def train(self, mode: bool = True) -> "DialCLIP":
@@ -95,62 +120,65 @@ class DialCLIP(nn.Module):
     def _domain(self, prompts: nn.Module | None) -> torch.Tensor | None:
         return None if prompts is None else prompts()
 
-    @torch.no_grad()
-    def _turn_features(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Frozen text embeddings of turn tokens [N, L], each distinct turn encoded once.
+    def _gate(self, name: str) -> torch.Tensor | None:
+        """A raw gate tensor of the gated form, or None (the ungated form)."""
+        return None if self.prompt_gates is None else getattr(self.prompt_gates, name)
 
-        The backbone is frozen, so a turn's embedding never changes: they are memoised
-        (bounded) across batches and epochs, which removes most of the CPG's cost.
+    @torch.no_grad()
+    def context_features(self, q: QueryBatch, cache: FeatureCache | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Frozen CLIP embeddings of every context turn [B, T, E] and image [B, M, E] (zeros where padded).
+
+        Taken from the batch when the feature store filled it; otherwise computed by the frozen towers
+        (through ``cache`` when given: the online encoder's LRU). Always float32, outside autocast, so
+        the features do not depend on the training precision.
         """
-        cache = self._turn_cache if self.frozen_backbone and self.turn_cache_size else None
-        keys = [row.tobytes() for row in tokens.cpu().numpy()]
-        todo = list(dict.fromkeys(k for k in keys if cache is None or k not in cache))
-        fresh = {}
-        if todo:
-            index = {k: i for i, k in enumerate(keys)}
-            rows = tokens[[index[k] for k in todo]]
-            fresh = dict(zip(todo, self.clip.encode_text(rows).float()))
-            if cache is not None:
-                if len(cache) + len(fresh) > self.turn_cache_size:
-                    cache.clear()
-                cache.update({k: v.detach() for k, v in fresh.items()})
-        return torch.stack([fresh[k] if k in fresh else cache[k].to(tokens.device) for k in keys])
-
-    @torch.no_grad()
-    def context_features(self, q: QueryBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Frozen CLIP embeddings of every context turn [B, T, E] and image [B, M, E] (zeros where padded)."""
-        b, t, length = q.turn_tokens.shape
+        if q.has_features:
+            return (q.turn_features.float() * q.turn_mask.unsqueeze(-1),
+                    q.image_features.float() * q.image_mask.unsqueeze(-1))
+        b, t, _ = q.turn_tokens.shape
         embed_dim = self.clip.text_projection.shape[-1]
-        turns = torch.zeros(b, t, embed_dim, device=q.turn_tokens.device)
-        if q.turn_mask.any():
-            turns[q.turn_mask] = self._turn_features(q.turn_tokens[q.turn_mask])
-        m = q.image_mask.shape[1]
-        images = torch.zeros(b, m, embed_dim, device=q.turn_tokens.device)
-        if q.image_mask.any():
-            images[q.image_mask] = self.clip.encode_image(q.images[q.image_mask]).float()
+        device = q.turn_tokens.device
+        turns = torch.zeros(b, t, embed_dim, device=device)
+        images = torch.zeros(b, q.image_mask.shape[1], embed_dim, device=device)
+        with torch.autocast(device.type, enabled=False):
+            if q.turn_mask.any():
+                turns[q.turn_mask] = self._frozen(self.clip.encode_text, q.turn_tokens[q.turn_mask], cache)
+            if q.image_mask.any():
+                images[q.image_mask] = self._frozen(self.clip.encode_image, q.images[q.image_mask].float(), cache)
         return turns, images
 
-    def context_prompts(self, q: QueryBatch) -> torch.Tensor | None:
+    @staticmethod
+    def _frozen(encode, rows: torch.Tensor, cache: FeatureCache | None) -> torch.Tensor:
+        if cache is None:
+            return encode(rows).float()
+        return cache.lookup([tensor_key(r) for r in rows], lambda idx: encode(rows[idx]).float(), rows.device)
+
+    def context_prompts(self, q: QueryBatch, cache: FeatureCache | None = None) -> torch.Tensor | None:
         if self.cpg is None:
             return None
-        turns, images = self.context_features(q)
+        turns, images = self.context_features(q, cache)
         return self.cpg(turns, q.turn_mask, q.turn_speaker, images, q.image_mask, q.image_turn)
 
-    def encode_query(self, q: QueryBatch, normalize: bool = True) -> torch.Tensor:
-        ctx = self.context_prompts(q)
+    def encode_query(self, q: QueryBatch, normalize: bool = True,
+                     feature_cache: FeatureCache | None = None) -> torch.Tensor:
+        ctx = self.context_prompts(q, feature_cache)
         pooled = encode_text_features(self.clip, q.query_tokens, self._domain(self.text_prompts),
-                                      ctx, self.cfg.insertion_layer)
+                                      ctx, self.cfg.insertion_layer, domain_gate=self._gate("text_domain"),
+                                      context_gate=self._gate("text_context"))
         out = (self.query_experts(pooled, q.retrieval_type) if self.query_experts is not None
                else project_text(self.clip, pooled))
         return F.normalize(out, dim=-1) if normalize else out
 
     def encode_texts(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        pooled = encode_text_features(self.clip, tokens, self._domain(self.text_prompts))
+        pooled = encode_text_features(self.clip, tokens, self._domain(self.text_prompts),
+                                      domain_gate=self._gate("text_domain"))
         out = self.text_expert(pooled) if self.text_expert is not None else project_text(self.clip, pooled)
         return F.normalize(out, dim=-1) if normalize else out
 
     def encode_images(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        pooled = encode_image_features(self.clip.visual, images, self._domain(self.vision_prompts))
+        pooled = encode_image_features(self.clip.visual, images, self._domain(self.vision_prompts),
+                                       domain_gate=self._gate("vision_domain"))
         out = (self.image_expert(pooled) if self.image_expert is not None
                else project_image(self.clip.visual, pooled))
         return F.normalize(out, dim=-1) if normalize else out
@@ -181,10 +209,14 @@ class DialCLIP(nn.Module):
 
 def build_model(cfg: DialCLIPConfig, backbone: Backbone | None = None, device: str | torch.device = "cpu",
                 seed: int = 0) -> tuple[DialCLIP, Backbone]:
-    """Factory: load (or reuse) the backbone, then wrap it. Seeds the added modules' init."""
+    """Factory: load (or reuse) the backbone, then wrap it.
+
+    ``seed`` fixes the added modules' init, the domain prompts included; a reused ``backbone`` is
+    never made trainable by a frozen variant, and a finetune model trains a copy of it.
+    """
     if backbone is None:
         backbone = load_backbone(cfg.backbone.model_name, cfg.backbone.pretrained, device="cpu")
     torch.manual_seed(seed)
     identity = {"model_name": backbone.model_name, "pretrained": backbone.pretrained}
-    model = DialCLIP(backbone.model, cfg, tokenizer=backbone.tokenizer, backbone_identity=identity)
+    model = DialCLIP(backbone.model, cfg, tokenizer=backbone.tokenizer, backbone_identity=identity, seed=seed)
     return model.to(device), backbone

@@ -2,11 +2,16 @@
 
 Each expert is CLIP's frozen projection plus a trainable low-rank correction
 ``x A B`` with ``B`` zero-initialised, so a fresh model projects exactly like
-CLIP and training starts from CLIP's aligned space (design.md s2).
+CLIP and training starts from CLIP's aligned space (README, Model design).
 
 Routing by retrieval type (``dialog_to_image``, ``dialog_to_text``):
 
-- ``K == number of types``: hard routing, type ``i`` uses expert ``i`` (the paper);
+- ``K == number of types``: hard routing, type ``i`` uses expert ``i`` (the paper).
+  Only each example's own expert is computed: an expert whose type is absent from
+  the batch is not in the graph, so its gradient is None and AdamW skips it (no
+  weight decay, no momentum drift on steps of the other type). A 0/1 gate over
+  all experts would give it a zero gradient, which AdamW still acts on. DDP copes
+  with the missing gradients because the trainer sets ``find_unused_parameters``;
 - ``K == 1``: one shared projection (the "no MoP" ablation);
 - otherwise a learned router: softmax over K experts of a linear function of the
   pooled feature plus a learned bias per retrieval type, so experts can be shared
@@ -65,5 +70,15 @@ class ProjectionExperts(nn.Module):
             types = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
         if self.num_experts == 1:
             return out + self.experts[0](x)
+        if self.hard:
+            types = types.long()
+            delta = None
+            for k, expert in enumerate(self.experts):
+                rows = (types == k).nonzero(as_tuple=True)[0]
+                if rows.numel():
+                    part = expert(x.index_select(0, rows))
+                    delta = (torch.zeros(x.shape[0], part.shape[-1], device=x.device, dtype=part.dtype)
+                             if delta is None else delta).index_add(0, rows, part)
+            return out if delta is None else out + delta.to(out.dtype)
         deltas = torch.stack([e(x) for e in self.experts], dim=1)  # [B, K, D]
         return out + (self.gates(x, types).unsqueeze(-1) * deltas).sum(dim=1)

@@ -15,6 +15,7 @@ COMPONENTS = (
     ("clip.", "backbone: text tower + rest"),
     ("text_prompts.", "domain prompts: text"),
     ("vision_prompts.", "domain prompts: vision"),
+    ("prompt_gates.", "prompt gates"),
     ("cpg.", "context prompt generator"),
     ("query_experts.", "query projection experts"),
     ("text_expert.", "text candidate expert"),

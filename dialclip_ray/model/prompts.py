@@ -1,6 +1,6 @@
 """Deep domain prompts: ``Ld`` learnable vectors for each of the first ``depth`` blocks of a tower.
 
-Initialisations (design.md s1; the paper found ``pretrain`` best):
+Initialisations (README, Model design; the paper found ``pretrain`` best):
 
 - ``random``: N(0, 0.02), CLIP's own token-embedding init scale;
 - ``pretrain``: text prompts copy randomly drawn rows of the backbone's token
@@ -67,3 +67,23 @@ def make_vision_prompts(visual: nn.Module, how: str, depth: int, length: int, se
     if how == "random":
         return DomainPrompts(noise)
     return DomainPrompts(visual.class_embedding.detach().float().cpu().view(1, 1, -1) + noise)
+
+
+class PromptGates(nn.Module):
+    """Zero-initialised gates of the gated prompt attention (towers.py), one per layer and head.
+
+    ``text_domain`` [text layers, heads], ``text_context`` [text layers - insertion layer, heads]
+    (context prompts exist from the insertion block on) and ``vision_domain`` [vision layers, heads];
+    a tensor is None where its prompts are off. Zeros make a fresh model equal zero-shot CLIP.
+    """
+
+    def __init__(self, text_layers: int, text_heads: int, vision_layers: int, vision_heads: int,
+                 text_domain: bool, text_context_layers: int, vision_domain: bool):
+        super().__init__()
+
+        def gate(on: bool, layers: int, heads: int) -> nn.Parameter | None:
+            return nn.Parameter(torch.zeros(layers, heads)) if on and layers else None
+
+        self.text_domain = gate(text_domain, text_layers, text_heads)
+        self.text_context = gate(text_context_layers > 0, text_context_layers, text_heads)
+        self.vision_domain = gate(vision_domain, vision_layers, vision_heads)

@@ -2,8 +2,9 @@
 
 Batches are synthetic but shaped like real ones (context turns of real token
 length, context images, target images), so prompt tuning and full fine-tuning
-are timed on identical inputs. The frozen-turn cache is switched off: it would
-make DialCLIP look cheaper than its first epoch really is.
+are timed on identical inputs. ``feature_dim`` gives DialCLIP's batches the frozen
+context features of the feature store (its cost from the first epoch on, once the
+store is built); without it the towers run over every context turn and image.
 """
 
 from __future__ import annotations
@@ -15,12 +16,15 @@ import torch
 
 from dialclip_ray.model.batch import QueryBatch, TrainBatch
 from dialclip_ray.model.text import tokenize_dialog, tokenize_texts
+from dialclip_ray.runtime import AmpStep
 
 WORDS = "red blue green circle square star beach park night small large two three photo look".split()
 
 
 def synthetic_batch(tokenizer, batch_size: int, image_size: int, turns: int = 8, images: int = 2,
-                    seed: int = 0) -> TrainBatch:
+                    seed: int = 0, feature_dim: int | None = None) -> TrainBatch:
+    """A training batch shaped like a real one; with ``feature_dim`` it carries frozen context features
+    (what the feature store hands in: no context image tensors, no tower runs over the context)."""
     g = torch.Generator().manual_seed(seed)
 
     def sentence(i: int) -> str:
@@ -37,21 +41,23 @@ def synthetic_batch(tokenizer, batch_size: int, image_size: int, turns: int = 8,
         image_mask=torch.ones(batch_size, images, dtype=torch.bool),
         image_turn=torch.arange(images).repeat(batch_size, 1),
         retrieval_type=torch.zeros(batch_size, dtype=torch.long))
+    if feature_dim is not None:
+        q.turn_features = torch.randn(batch_size, turns, feature_dim, generator=g)
+        q.image_features = torch.randn(batch_size, images, feature_dim, generator=g)
+        q.images = torch.zeros(batch_size, images, 1)
     return TrainBatch(q, "image", target_images=torch.randn(batch_size, 3, image_size, image_size, generator=g))
 
 
 def time_steps(model, batch: TrainBatch, steps: int = 10, warmup: int = 3, amp: str = "none",
-               lr: float = 1e-4, turn_cache: bool = False) -> dict:
+               lr: float = 1e-4) -> dict:
     """Median step time (ms), samples/s and peak memory (MB; CUDA allocator on GPU, else None)."""
     device = next(model.parameters()).device
-    model.turn_cache_size = 200_000 if turn_cache else 0  # warm cache = DialCLIP from its second epoch on
     model.train()
     batch = batch.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr)
     cuda = device.type == "cuda"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-    scaler = torch.amp.GradScaler("cuda", enabled=cuda and amp == "fp16")
+    step = AmpStep(device, amp, params)  # the training loops' own step, so the timings are theirs
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     times = []
@@ -59,12 +65,9 @@ def time_steps(model, batch: TrainBatch, steps: int = 10, warmup: int = 3, amp: 
         if cuda:
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with step.autocast():
             loss = model(batch)["loss"]
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
+        step.backward_and_step(loss, opt)
         if cuda:
             torch.cuda.synchronize(device)
         if i >= warmup:

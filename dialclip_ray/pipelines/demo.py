@@ -40,6 +40,8 @@ class DemoConfig(BaseModel):
     keep_serving: bool = False
 
 
+LATEST = "latest"  # runs/demo/latest -> the newest complete demo output (see publish_latest)
+
 TINY = dict(dialogs=40, image_size=32, model_name="dialclip-micro", pretrain_epochs=1, epochs=1,
             max_train_examples=24, max_val_examples=12, queries=2, shards=2)
 
@@ -92,7 +94,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     cache = Path(cfg.cache)
     stage = Stage(8)
     owns_ray = not ray.is_initialized()
-    ensure_ray(num_cpus=4)
+    ensure_ray(num_cpus=max(cfg.workers, cfg.actors))
     try:
         stage("synthetic corpus in the PhotoChat and MMDialog formats (generate + prepare)")
         corpus = ensure_corpus(cache, cfg.dialogs, cfg.seed, cfg.image_size)
@@ -103,7 +105,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         backbone = BackboneConfig(model_name=cfg.model_name, pretrained=str(clip.path))
 
         runs = cache / "demo_runs"
-        checkpoints, histories = {}, {}
+        checkpoints, histories, run_dirs = {}, {}, {}
         for variant in ("dialclip", "finetune"):
             stage(f"{'DialCLIP prompt tuning' if variant == 'dialclip' else 'full fine-tuning baseline'} "
                   f"(Ray Train, {cfg.workers} workers)")
@@ -111,6 +113,7 @@ def run_demo(cfg: DemoConfig) -> dict:
                                   max_train_examples=cfg.max_train_examples, max_val_examples=cfg.max_val_examples)
             outcome = run_training(tcfg)
             checkpoints[variant], histories[variant] = str(outcome.best), outcome.history
+            run_dirs[variant] = outcome.run_dir
             print(f"    {'trained' if outcome.trained else 'reused'} {outcome.run_dir}")
         zs_dir = runs / "zeroshot" / f"{Path(clip.path).parent.name}-{cfg.model_name}"
         if not (zs_dir / "dialclip.pt").is_file():
@@ -145,7 +148,11 @@ def run_demo(cfg: DemoConfig) -> dict:
                    "evaluation": {k: v["results"] for k, v in evaluation.items()}}
         report = write_report(out, summary, evaluation, histories, answers, corpus)
         (out / "report.json").write_text(json.dumps({**summary, "answers": answers}, indent=2, default=str))
+        latest = publish_latest(out, run_dirs["dialclip"])
         print(f"\nreport: {report}\ntotal: {summary['total_seconds']:.0f}s")
+        if latest:
+            print(f"latest: {latest} -> {out.name} (run/ = the DialCLIP run, index/ = its index; "
+                  f"`make serve` serves them)")
         if cfg.keep_serving:
             print(f"\nThe endpoint stays up at {url} (docs: {url}/docs). Query it with\n"
                   f"  dialclip query --url {url} --dialog DIALOG.json\n"
@@ -163,6 +170,17 @@ def run_demo(cfg: DemoConfig) -> dict:
             finally:
                 if owns_ray:
                     ray.shutdown()
+
+
+def publish_latest(out: Path, run_dir: Path) -> Path | None:
+    """Stable paths to this demo's artifacts, for serve/serve_config.yaml (``make serve``):
+    ``<out>/run`` -> the DialCLIP training run directory (best/, latest/, metrics) and
+    ``<out parent>/latest`` -> ``<out>``, so ``runs/demo/latest/{run,index}`` name the newest demo's."""
+    from dialclip_ray.rundir import publish_link
+
+    if publish_link(out / "run", run_dir) is None:
+        return None
+    return publish_link(out.parent / LATEST, out)
 
 
 def _wait_forever() -> None:

@@ -35,7 +35,7 @@ def evaluate_checkpoints(checkpoints: dict[str, str], data: str, split: str = "t
             from dialclip_ray.evaluation.distributed import evaluate_with_ray
             from dialclip_ray.runtime import ensure_ray
 
-            ensure_ray(num_cpus=max(2, actors))
+            ensure_ray(num_cpus=actors)
             res = evaluate_with_ray(path, data, split, actors, batch_size, max_examples)
         else:
             from dialclip_ray.model.checkpoint import load_checkpoint

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from dialclip_ray.model.config import PRESETS, BackboneConfig, DialCLIPConfig
+from dialclip_ray.model.config import BackboneConfig, DialCLIPConfig, merge_preset
 from dialclip_ray.train.config import DataSection, OptimSection, RunSection, TrainConfig
 
-# The variants of the paper's comparison: DialCLIP, its baselines and its three ablations.
-VARIANTS = ("dialclip", "zeroshot", "finetune", "no-context", "no-domain", "single-expert")
+# The variants of the paper's comparison: DialCLIP, its baselines and its three ablations, plus the
+# gated form (prompts that start at zero-shot CLIP) and the paper's parameter budget. Each is the
+# model preset of the same name ("dialclip": the default preset).
+VARIANTS = ("dialclip", "zeroshot", "finetune", "no-context", "no-domain", "single-expert", "gated", "paper-budget")
 
 
 @dataclass
@@ -30,16 +33,39 @@ class Corpus:
         return [str(self.photochat), str(self.mmdialog)]
 
 
-def ensure_corpus(cache: Path, dialogs: int, seed: int = 0, image_size: int = 64) -> Corpus:
-    """Synthetic corpus in the real formats, converted by the real loaders (reused when present)."""
+def corpus_dir_name(dialogs: int, seed: int, image_size: int, photochat_sizes: tuple[int, int, int] | None = None,
+                    mmdialog_sizes: tuple[int, int, int] | None = None, caption_images: int = 0) -> str:
+    """``synth-<dialogs>-s<seed>-<px>px`` for the default split sizes, else every size spelled out."""
+    if photochat_sizes is None and mmdialog_sizes is None and not caption_images:
+        return f"synth-{dialogs}-s{seed}-{image_size}px"
+    pc = "-".join(map(str, photochat_sizes)) if photochat_sizes else str(dialogs)
+    mm = "-".join(map(str, mmdialog_sizes)) if mmdialog_sizes else "auto"
+    return f"synth-pc{pc}-mm{mm}-cap{caption_images}-s{seed}-{image_size}px"
+
+
+def ensure_corpus(cache: Path, dialogs: int, seed: int = 0, image_size: int = 64, *,
+                  photochat_sizes: tuple[int, int, int] | None = None,
+                  mmdialog_sizes: tuple[int, int, int] | None = None, caption_images: int = 0) -> Corpus:
+    """Synthetic corpus in the real formats, converted by the real loaders (reused when present).
+
+    Split sizes default to the generator's (from ``dialogs``); ``photochat_sizes`` /
+    ``mmdialog_sizes`` set them (train, held-out, test), ``caption_images`` adds
+    pretraining-only images. A corpus written by another generator version is regenerated.
+    """
     from dialclip_ray.data.prepare import prepare
     from dialclip_ray.data.schema import is_dataset_dir
-    from dialclip_ray.data.synthetic import generate
+    from dialclip_ray.data.synthetic import GENERATOR_VERSION, generate
 
-    root = Path(cache).resolve() / f"synth-{dialogs}-s{seed}-{image_size}px"
+    name = corpus_dir_name(dialogs, seed, image_size, photochat_sizes, mmdialog_sizes, caption_images)
+    root = Path(cache).resolve() / name
     corpus = Corpus(root / "raw", root / "photochat", root / "mmdialog")
-    if not (corpus.raw / "synth_meta.json").is_file():
-        generate(corpus.raw, dialogs=dialogs, seed=seed, image_size=image_size, overwrite=True)
+    meta = corpus.raw / "synth_meta.json"
+    if not meta.is_file() or json.loads(meta.read_text()).get("version") != GENERATOR_VERSION:
+        generate(corpus.raw, dialogs=dialogs, seed=seed, image_size=image_size, photochat_sizes=photochat_sizes,
+                 mmdialog_sizes=mmdialog_sizes, caption_images=caption_images, overwrite=True)
+        for stale in (corpus.photochat, corpus.mmdialog):  # prepared from the old raw files
+            if stale.exists():
+                shutil.rmtree(stale)
     if not is_dataset_dir(corpus.photochat):
         prepare("photochat", corpus.raw / "photochat", corpus.raw / "photochat_images", corpus.photochat)
     if not is_dataset_dir(corpus.mmdialog):
@@ -48,13 +74,28 @@ def ensure_corpus(cache: Path, dialogs: int, seed: int = 0, image_size: int = 64
 
 
 def ensure_small_clip(corpus: Corpus, cache: Path, model_name: str = "dialclip-tiny", epochs: int = 6,
-                      workers: int = 2, lr: float = 2e-3, batch_size: int = 128, use_gpu: bool = False):
-    """The locally pretrained small CLIP (open_clip checkpoint path), trained once per config and corpus."""
+                      workers: int = 2, lr: float = 2e-3, batch_size: int = 128, use_gpu: bool = False,
+                      **overrides):
+    """The locally pretrained small CLIP (open_clip checkpoint path), trained once per config and corpus.
+
+    Cached under ``<cache>/small_clip/<key>/`` (the key hashes config and corpus); the stable link
+    ``<cache>/small_clip/<model_name>-on-<corpus dir>/`` points at the latest one for this model and
+    corpus, so configs can name it (configs/synthetic.yaml) without the hash. ``overrides``: any other
+    ``PretrainConfig`` field (``warmup_steps``, ``eval_max_images``, ...).
+    """
     from dialclip_ray.pretrain import PretrainConfig, run_pretrain
+    from dialclip_ray.rundir import publish_link
 
     cfg = PretrainConfig(model_name=model_name, epochs=epochs, workers=workers, lr=lr, batch_size=batch_size,
-                         use_gpu=use_gpu)
-    return run_pretrain(cfg, corpus.raw, Path(cache).resolve() / "small_clip")
+                         use_gpu=use_gpu, **overrides)
+    result = run_pretrain(cfg, corpus.raw, Path(cache).resolve() / "small_clip")
+    publish_link(small_clip_link(cache, model_name, corpus), result.path.parent)
+    return result
+
+
+def small_clip_link(cache: Path, model_name: str, corpus: Corpus) -> Path:
+    """``<cache>/small_clip/<model_name>-on-<corpus dir name>``: see ``ensure_small_clip``."""
+    return Path(cache).resolve() / "small_clip" / f"{model_name}-on-{corpus.raw.parent.name}"
 
 
 def variant_config(variant: str, corpus: Corpus, backbone: BackboneConfig, storage: Path, epochs: int,
@@ -65,7 +106,7 @@ def variant_config(variant: str, corpus: Corpus, backbone: BackboneConfig, stora
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; known: {VARIANTS}")
     preset = "default" if variant == "dialclip" else variant
-    model = DialCLIPConfig(**{**PRESETS[preset], **(model_overrides or {}), "backbone": backbone})
+    model = DialCLIPConfig(**merge_preset({**(model_overrides or {}), "preset": preset, "backbone": backbone}))
     cfg = TrainConfig(
         model=model,
         data=DataSection(train=corpus.datasets, max_train_examples=max_train_examples,

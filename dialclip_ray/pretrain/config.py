@@ -30,7 +30,10 @@ class PretrainConfig(BaseModel):
     augment: bool = Field(False, description="open_clip's train transform (random resized crop) instead of val")
     local_loss: bool = Field(True, description="ClipLoss local_loss+gather_with_grad under DDP")
     train_split: str = "train"
-    eval_splits: tuple[str, ...] = ("test",)  # ~1,400 images for a 2,000-dialog corpus
+    eval_splits: tuple[str, ...] = ("test",)
+    eval_max_images: int | None = Field(
+        1000, ge=1, description="held-out pool: the first N held-out images in file order (the PhotoChat-style "
+                                "test photos come first); None = every held-out image")
     eval_batch_size: int = Field(256, ge=1)
 
     @model_validator(mode="after")

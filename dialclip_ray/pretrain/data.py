@@ -1,7 +1,8 @@
 """Reading ``ROOT/captions.parquet`` and its images for CLIP pretraining.
 
 Captions are tokenised once up front and, without augmentation, each image is
-decoded and transformed once and kept: on two CPU cores the per-step PIL and
+decoded and transformed once and kept (as float16; the first use returns the same
+rounded values, so results do not depend on whether an image was cached): on two CPU cores the per-step PIL and
 tokenizer work would otherwise cost a noticeable share of a few-minute budget.
 """
 
@@ -89,13 +90,13 @@ class CaptionDataset(torch.utils.data.Dataset):
     def image(self, i: int) -> torch.Tensor:
         rel = self.rows[i].path
         if self.cache_images and rel in self._cache:
-            return self._cache[rel]
+            return self._cache[rel].float()
         record = f"image_id={self.rows[i].image_id!r} in {self.root / CAPTIONS_FILE}"
         path = resolve_image_path(self.root, rel, record=record, field="path")
         x = self.transform(open_image(path, MAX_IMAGE_PIXELS, record=record, field="path"))
-        if self.cache_images:
-            self._cache[rel] = x
-        return x
+        if self.cache_images:  # float16: tens of thousands of images stay within a few hundred MB per worker
+            self._cache[rel] = x.half()
+        return x.half().float() if self.cache_images else x
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.image(i), self.tokens[i]

@@ -1,28 +1,29 @@
-"""Held-out caption<->image retrieval recall of a CLIP (all candidates, chunked)."""
+"""Held-out caption<->image retrieval recall of a CLIP (all candidates, chunked).
+
+Ranks and recall come from ``dialclip_ray.evaluation.metrics`` (the PhotoChat
+all-candidates protocol, ties counted against the target), so these numbers are
+in percent like every other reported metric.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
+from dialclip_ray.evaluation.metrics import DEFAULT_KS, ranks_all_candidates, recall_at_k
 from dialclip_ray.pretrain.data import CaptionDataset, CaptionRow
 from dialclip_ray.pretrain.encode import encode_text_trimmed
 
 
-def recall_at_k(queries: torch.Tensor, candidates: torch.Tensor, ks=(1, 5, 10), chunk: int = 1024) -> dict[int, float]:
-    """Query i's target is candidate i; recall@k in percent. Ties count against the target."""
-    hits = {k: 0 for k in ks}
-    for start in range(0, len(queries), chunk):
-        sims = queries[start:start + chunk] @ candidates.T
-        idx = torch.arange(start, start + len(sims))
-        target = sims[torch.arange(len(sims)), idx].unsqueeze(1)
-        rank = (sims >= target).sum(dim=1) - 1  # 0 = target ranked first
-        for k in ks:
-            hits[k] += int((rank < k).sum())
-    return {k: 100.0 * hits[k] / max(1, len(queries)) for k in ks}
+def paired_ranks(queries: torch.Tensor, candidates: torch.Tensor) -> np.ndarray:
+    """1-based rank of candidate i for query i among all candidates (ties count against)."""
+    q = queries.detach().float().cpu().numpy()
+    return ranks_all_candidates(q, candidates.detach().float().cpu().numpy(), np.arange(len(q)))
 
 
 @torch.no_grad()
@@ -39,11 +40,13 @@ def embed_pairs(model: torch.nn.Module, root: Path, pairs: list[CaptionRow], tra
     return torch.cat(images), torch.cat(texts)
 
 
-def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor) -> dict[str, float]:
-    t2i = recall_at_k(text_emb, image_emb)
-    i2t = recall_at_k(image_emb, text_emb)
-    out = {f"caption_to_image_R@{k}": v for k, v in t2i.items()}
-    out.update({f"image_to_caption_R@{k}": v for k, v in i2t.items()})
+def caption_retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor,
+                              ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
+    """``caption_to_image_R@k`` / ``image_to_caption_R@k`` (percent), ``pool_size``, ``chance_R@1`` (percent)."""
+    t2i = paired_ranks(text_emb, image_emb)
+    i2t = paired_ranks(image_emb, text_emb)
+    out = {f"caption_to_image_R@{k}": recall_at_k(t2i, k) for k in ks}
+    out.update({f"image_to_caption_R@{k}": recall_at_k(i2t, k) for k in ks})
     out["pool_size"] = len(image_emb)
     out["chance_R@1"] = 100.0 / max(1, len(image_emb))
     return out

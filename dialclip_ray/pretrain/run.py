@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -26,8 +25,8 @@ import torch
 
 from dialclip_ray.pretrain.config import PretrainConfig
 from dialclip_ray.pretrain.data import corpus_fingerprint, held_out_pairs, read_captions
-from dialclip_ray.fsio import replace_dir
-from dialclip_ray.runtime import ensure_ray
+from dialclip_ray.fsio import atomic_write_text, staging_dir
+from dialclip_ray.runtime import build_trainer, ensure_ray
 
 MODEL_FILE = "open_clip_model.pt"
 META_FILE = "pretrain_meta.json"
@@ -54,20 +53,14 @@ def cache_key(config: PretrainConfig, fingerprint: str) -> str:
 
 def _train(config: PretrainConfig, root: Path, storage: Path, run_name: str, fresh: bool) -> tuple[dict, dict]:
     """Run the TorchTrainer; return (model state_dict, step/epoch log) from its last checkpoint."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     from dialclip_ray.pretrain.loop import LOG_FILE, STATE_FILE, train_loop_per_worker
 
     if fresh:
         shutil.rmtree(storage / run_name, ignore_errors=True)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"config": config.model_dump(mode="json"), "corpus_root": str(root)},
-        scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.use_gpu),
-        run_config=RunConfig(name=run_name, storage_path=str(storage),
-                             failure_config=FailureConfig(max_failures=1),
-                             checkpoint_config=CheckpointConfig(num_to_keep=1)))
+    trainer = build_trainer(train_loop_per_worker,
+                            {"config": config.model_dump(mode="json"), "corpus_root": str(root)},
+                            name=run_name, storage_path=str(storage), workers=config.workers,
+                            use_gpu=config.use_gpu, max_failures=1, num_to_keep=1)
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"pretrain run {run_name} finished without a checkpoint")
@@ -97,20 +90,20 @@ def plot_curve(log: dict, path: Path, title: str) -> None:
 
 
 def evaluate_checkpoint(model_name: str, checkpoint: Path, root: Path, splits: tuple[str, ...],
-                        batch_size: int = 256) -> dict[str, float]:
+                        batch_size: int = 256, max_images: int | None = None) -> dict[str, float]:
     """Load through open_clip's own pretrained path (proving the file is loadable) and score held-out recall."""
     import open_clip
 
     from dialclip_ray.model.backbone import register_model_configs
-    from dialclip_ray.pretrain.evaluate import embed_pairs, retrieval_metrics
+    from dialclip_ray.pretrain.evaluate import caption_retrieval_metrics, embed_pairs
 
     register_model_configs()
     model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=str(checkpoint))
-    pairs = held_out_pairs(read_captions(root), splits)
+    pairs = held_out_pairs(read_captions(root), splits)[:max_images]
     if not pairs:
         raise ValueError(f"{root / 'captions.parquet'}: no rows in held-out split(s) {splits}")
     images, texts = embed_pairs(model, root, pairs, preprocess, open_clip.get_tokenizer(model_name), batch_size)
-    return retrieval_metrics(images, texts)
+    return caption_retrieval_metrics(images, texts)
 
 
 def run_pretrain(config: PretrainConfig, corpus_root: str | Path, cache_dir: str | Path,
@@ -126,18 +119,17 @@ def run_pretrain(config: PretrainConfig, corpus_root: str | Path, cache_dir: str
     from dialclip_ray.model.backbone import register_model_configs
 
     register_model_configs()
-    ensure_ray(max(2, config.workers))
+    ensure_ray(num_cpus=config.workers)
     cache.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     state, log = _train(config, root, cache / RAY_RUNS, f"pretrain-{key}", fresh=force)
     train_s = time.time() - t0
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=cache))
-    try:
+    with staging_dir(final) as tmp:  # --force/overwrite: the old one is swapped aside, then dropped
         torch.save({k: v.contiguous() for k, v in state.items()}, tmp / MODEL_FILE)
         t1 = time.time()
         metrics = evaluate_checkpoint(config.model_name, tmp / MODEL_FILE, root, config.eval_splits,
-                                      config.eval_batch_size)
+                                      config.eval_batch_size, config.eval_max_images)
         plot_curve(log, tmp / CURVE_FILE, f"{config.model_name} pretraining ({key})")
         meta = {"key": key, "config": config.model_dump(mode="json"), "seed": config.seed,
                 "corpus_root": str(root), "corpus_fingerprint": fingerprint,
@@ -147,11 +139,7 @@ def run_pretrain(config: PretrainConfig, corpus_root: str | Path, cache_dir: str
                 "first_loss": log["steps"][0][1] if log["steps"] else None,
                 "steps": log["epochs"][-1]["step"] if log["epochs"] else 0,
                 "metrics": metrics, "files": {"model": MODEL_FILE, "curve": CURVE_FILE}}
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
-        replace_dir(tmp, final)  # --force/overwrite: the old one is swapped aside, then dropped
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        atomic_write_text(tmp / META_FILE, json.dumps(meta, indent=2))
     shutil.rmtree(cache / RAY_RUNS / f"pretrain-{key}", ignore_errors=True)  # the artifact supersedes it
     return PretrainResult(final / MODEL_FILE, meta, cached=False)
 

@@ -9,28 +9,77 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Any, Literal
+import re
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 MAX_TURNS = 64
 MAX_TEXT_CHARS = 4_000
 MAX_IMAGES_PER_TURN = 8
 MAX_IMAGES = 16
 MAX_IMAGE_BYTES = 4 * 1024 * 1024
-MAX_B64_CHARS = (MAX_IMAGE_BYTES + 2) // 3 * 4 + 16  # a few bytes of slack for padding/newlines
+MAX_B64_CHARS = (MAX_IMAGE_BYTES + 2) // 3 * 4 + len("data:image/jpeg;base64,")  # the image-size limit
+MAX_ID_CHARS = 512
+# Standard base64 (RFC 4648, padded, no whitespace), optionally as a data: URL of an accepted format.
+# The rust regex engine pydantic uses anchors ``$`` at the very end (no trailing newline).
+B64_PATTERN = (r"^(?:data:image/(?:png|jpeg|webp);base64,)?"
+               r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{4}|[A-Za-z0-9+/]{3}=|[A-Za-z0-9+/]{2}==)$")
+NONBLANK = r"\S"  # "has text": the same rule for the server (re.search) and the schema (pattern)
+_NONBLANK = re.compile(NONBLANK)
+
+
+def has_text(value: str) -> bool:
+    return _NONBLANK.search(value) is not None
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class ImageIn(_Strict):
-    """A context image: a corpus image id, or an inline image as base64 (PNG/JPEG/WebP)."""
+def _json_integer(value: Any) -> Any:
+    """JSON Schema's integer: any number without a fractional part (``3``, ``3.0``, ``3e2``), never a bool or
+    a string; what is left (``3.5``, ``"3"``, ``true``) fails the strict int check with pydantic's message."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
 
-    id: str | None = Field(None, min_length=1, max_length=512, description="image id of the indexed corpus")
-    base64: str | None = Field(None, min_length=1, max_length=MAX_B64_CHARS,
-                               description=f"base64 image bytes (at most {MAX_IMAGE_BYTES} bytes decoded)")
+
+def json_int(**bounds: int) -> Any:
+    """An ``int`` field type with bounds (ge/le) that accepts integral JSON numbers (see ``_json_integer``)."""
+    return Annotated[int, Field(**bounds), BeforeValidator(_json_integer)]
+
+
+class _StrictRequest(BaseModel):
+    """Request models: no extra keys and no type coercion, so the server accepts exactly what the schema says."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+# Exactly one of ``id`` / ``base64``: a oneOf in the schema; neither field is nullable, and
+# the model validator enforces the same rule with a message naming both fields.
+_IMAGE_SCHEMA = {"oneOf": [{"required": ["id"], "title": "corpus image"},
+                           {"required": ["base64"], "title": "inline image"}]}
+
+
+def _no_default(schema: dict) -> None:
+    schema.pop("default", None)  # absent, never null: the field's schema shows only strings
+
+
+class ImageIn(_StrictRequest):
+    """A context image: exactly one of ``id`` (an image of the index's corpora) or ``base64`` (inline bytes)."""
+
+    model_config = ConfigDict(json_schema_extra=_IMAGE_SCHEMA)
+
+    id: str = Field(None, min_length=1, max_length=MAX_ID_CHARS, json_schema_extra=_no_default,
+                    description="image id of the corpora the index was built from; the id must exist in the "
+                                "index's corpora (an unknown id is answered 422)")
+    base64: str = Field(None, min_length=4, max_length=MAX_B64_CHARS, pattern=B64_PATTERN,
+                        json_schema_extra=_no_default,
+                        description=f"standard padded base64 (or a data:image/png|jpeg|webp;base64, URL) of a "
+                                    f"PNG, JPEG or WebP image of at most {MAX_IMAGE_BYTES} bytes (the maxLength); "
+                                    f"its pixels count against the per-image and per-request pixel budgets (422 "
+                                    f"when over, or when the bytes are not a decodable image)")
 
     @model_validator(mode="after")
     def _one_source(self) -> "ImageIn":
@@ -52,39 +101,53 @@ class ImageIn(_Strict):
 def decode_base64(value: str) -> bytes:
     text = value.split(",", 1)[1] if value.startswith("data:") else value  # accept data: URLs
     try:
-        raw = base64.b64decode("".join(text.split()), validate=True)
+        raw = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as err:
         raise ValueError(f"not valid base64 ({err})") from None
     if not raw:
         raise ValueError("base64 image is empty")
-    if len(raw) > MAX_IMAGE_BYTES:
-        raise ValueError(f"image is {len(raw)} bytes, more than the limit of {MAX_IMAGE_BYTES}")
-    return raw
+    return raw  # its size is bounded by the field's max_length
 
 
-class TurnIn(_Strict):
-    speaker: int = Field(ge=0, le=1_000)
+class TurnIn(_StrictRequest):
+    speaker: json_int(ge=0, le=1_000)
     text: str = Field("", max_length=MAX_TEXT_CHARS)
-    images: list[ImageIn] = Field(default_factory=list, max_length=MAX_IMAGES_PER_TURN)
+    images: list[ImageIn] = Field(default_factory=list, max_length=MAX_IMAGES_PER_TURN,
+                                  description=f"at most {MAX_IMAGES_PER_TURN} per turn and {MAX_IMAGES} in the "
+                                              f"whole request")
 
 
-class RetrieveRequest(_Strict):
+# The dialog is not empty: 'current' has non-blank text, or some context turn has text or images.
+_NOT_EMPTY_SCHEMA = {"anyOf": [
+    {"required": ["current"], "properties": {"current": {"pattern": NONBLANK}}},
+    {"required": ["context"], "properties": {"context": {"contains": {"anyOf": [
+        {"required": ["text"], "properties": {"text": {"pattern": NONBLANK}}},
+        {"required": ["images"], "properties": {"images": {"minItems": 1}}}]}}}}]}
+
+
+class RetrieveRequest(_StrictRequest):
+    """A dialog: at least one context turn with text or images, or non-blank ``current`` text."""
+
+    model_config = ConfigDict(json_schema_extra=_NOT_EMPTY_SCHEMA)
+
     context: list[TurnIn] = Field(default_factory=list, max_length=MAX_TURNS,
-                                  description="dialog turns, oldest first")
+                                  description=f"dialog turns, oldest first (at most {MAX_TURNS} turns and "
+                                              f"{MAX_IMAGES} images in all)")
     current: str = Field("", max_length=MAX_TEXT_CHARS, description="the current input (may be empty)")
-    k: int | None = Field(None, ge=1, le=100, description="hits to return (default: the app's top_k)")
+    k: json_int(ge=1, le=100) | None = Field(None, description="hits to return (default: the app's top_k)")
     target: Literal["image", "text"] = "image"
-    allow_partial: bool = Field(False, description="answer with the shards that replied when some time out")
-    timeout_ms: int | None = Field(None, ge=1, le=60_000,
-                                   description="per-shard deadline, capped by the app's shard_timeout_s")
+    allow_partial: bool = Field(False, description="answer with the shards that replied when some time out "
+                                                   "or are down")
+    timeout_ms: json_int(ge=1, le=60_000) | None = Field(None,
+                            description="per-shard deadline, capped by the app's shard_timeout_s")
 
     @model_validator(mode="after")
     def _not_empty(self) -> "RetrieveRequest":
-        if not self.current.strip() and not any(t.text.strip() or t.images for t in self.context):
+        if not has_text(self.current) and not any(has_text(t.text) or t.images for t in self.context):
             raise ValueError("empty dialog: give at least one context turn with text or images, or 'current' text")
         n = sum(len(t.images) for t in self.context)
         if n > MAX_IMAGES:
-            raise ValueError(f"{n} context images, more than the limit of {MAX_IMAGES}")
+            raise ValueError(f"context: {n} images in all, more than the limit of {MAX_IMAGES} per request")
         return self
 
 
@@ -120,25 +183,49 @@ class AutoscalingArgs(_Strict):
 
 
 class AppArgs(_Strict):
-    """Arguments of ``build_app`` (the ``args`` of a Serve config). Resource defaults fit a 2-core machine;
-    a Serve config's ``deployments`` section overrides them per deployment name."""
+    """Arguments of ``build_app`` (the ``args`` of a Serve config). Resource defaults fit a 2-core machine.
 
-    checkpoint: str
-    index_dir: str
+    What to serve (``dialclip_ray.rundir``): ``run_dir`` (a training run; its ``best/`` checkpoint) or
+    ``checkpoint``, plus ``index_dir``; or ``index_dir`` alone (its ``index.json`` names the checkpoint).
+    Relative paths resolve against the working directory. One deployment per index shard
+    (``Shard0``..``ShardN-1``, N from the index) gets the ``shard_*`` options; a Serve config's
+    ``deployments`` section may still override ``QueryEncoder`` and ``RetrievalIngress`` by name."""
+
+    run_dir: str | None = Field(None, description="training run directory (serves <run_dir>/best)")
+    checkpoint: str | None = Field(None, description="DialCLIP checkpoint directory (or a run directory)")
+    index_dir: str | None = Field(None, description="index from `dialclip index build` (default: <run_dir>/index)")
     use_gpu: bool = False
     top_k: int = Field(10, ge=1, le=100, description="k when a request gives none")
     corpus_dirs: list[str] | None = Field(None, description="where corpus image ids resolve (default: index.json)")
     shard_timeout_s: float = Field(5.0, gt=0)
     encoder_timeout_s: float = Field(30.0, gt=0)
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
-    max_image_pixels: int = Field(16_000_000, ge=1)
+    max_image_pixels: int = Field(16_000_000, ge=1, description="pixels of one context image (from its header)")
+    max_request_pixels: int = Field(32_000_000, ge=1, description="decoded pixels of all of a request's images")
+    encoder_pixel_budget: int = Field(64_000_000, ge=1, description="decoded pixels in flight per QueryEncoder "
+                                      "replica; requests over it wait their turn")
+    decode_threads: int = Field(2, ge=1, description="image-decoding threads per QueryEncoder replica")
+    body_timeout_s: float = Field(30.0, gt=0, description="whole request body must arrive within this (else 408)")
+    body_idle_timeout_s: float = Field(5.0, gt=0, description="longest pause between body chunks (else 408)")
+    cooloff_s: float = Field(2.0, gt=0, description="a shard or encoder whose call failed is skipped (fast 503 "
+                             "or partial results) and probed again every cooloff_s until it answers")
     ingress_cpus: float = Field(0.1, gt=0)
     encoder_cpus: float = Field(0.25, gt=0)
     shard_cpus: float = Field(0.1, gt=0)
     encoder_gpus: float = Field(0.5, ge=0, description="used only with use_gpu")
     shard_gpus: float = Field(0.125, ge=0, description="used only with use_gpu (GPU FAISS)")
     encoder_threads: int = Field(1, ge=1)
+    feature_cache_entries: int = Field(50_000, ge=0, description="LRU of frozen context features in the "
+                                       "query encoder (entries of one embedding each; 0 = off)")
     shard_threads: int = Field(1, ge=1)
+    shard_max_ongoing_requests: int = Field(8, ge=1, description="per shard replica")
     shard_autoscaling: AutoscalingArgs = Field(default_factory=AutoscalingArgs)
     shard_delay_s: dict[int, float] = Field(default_factory=dict,
                                             description="artificial latency per shard (tests, straggler benchmarks)")
+
+    @model_validator(mode="after")
+    def _shard_load(self) -> "AppArgs":
+        if self.shard_autoscaling.target_ongoing_requests >= self.shard_max_ongoing_requests:
+            raise ValueError(f"shard_autoscaling.target_ongoing_requests={self.shard_autoscaling.target_ongoing_requests}"
+                             f" must be below shard_max_ongoing_requests={self.shard_max_ongoing_requests}")
+        return self

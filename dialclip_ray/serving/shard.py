@@ -32,6 +32,10 @@ class IndexShard:
         self.searchers = {t: ShardSearcher(Path(index_dir) / t, shard, m, use_gpu=use_gpu)
                           for t, m in layout.manifests.items() if shard < len(m.shards)}
 
+    async def ping(self) -> int:
+        """Liveness probe of the ingress's cool-off (a shard marked down is probed, not searched)."""
+        return self.shard
+
     async def search(self, target: str, query: np.ndarray, k: int) -> dict[str, Any]:
         """Top-k of this shard for one query: scores, global labels, metadata rows (id + columns)."""
         return await self._search_batch((target, query, k))

@@ -13,7 +13,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from dialclip_ray.model.config import PRESETS, DialCLIPConfig
+from dialclip_ray.errors import ConfigError, format_validation_error
+from dialclip_ray.fsio import atomic_write_text
+from dialclip_ray.model.config import DialCLIPConfig, merge_preset
 
 
 class DataSection(BaseModel):
@@ -26,6 +28,9 @@ class DataSection(BaseModel):
     max_train_examples: int | None = Field(None, ge=1, description="cap per dataset and target type")
     max_val_examples: int | None = Field(None, ge=1)
     loader_workers: int = Field(0, ge=0)
+    features: Literal["auto", "require", "off"] = Field(
+        "auto", description="frozen context features: auto = build the feature store when missing or stale "
+        "and read it; require = an existing store or an error; off = run the frozen towers every step")
 
 
 class OptimSection(BaseModel):
@@ -66,18 +71,14 @@ class TrainConfig(BaseModel):
     @field_validator("model", mode="before")
     @classmethod
     def _apply_preset(cls, value: Any) -> Any:
-        if isinstance(value, dict) and "preset" in value:
-            value = dict(value)
-            name = value.pop("preset")
-            if name not in PRESETS:
-                raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
-            value = {**PRESETS[name], **value}
-        return value
+        return merge_preset(value) if isinstance(value, dict) else value
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
         if self.model.variant == "zeroshot" and self.optim.epochs:
-            self.optim.epochs = 0  # nothing to train
+            # Rejected, not rewritten: the saved config must say what ran (a zero-shot run trains nothing).
+            raise ValueError(f"variant 'zeroshot' has nothing to train: set optim.epochs: 0 "
+                             f"(got {self.optim.epochs})")
         return self
 
 
@@ -88,10 +89,6 @@ def resolve_paths(cfg: TrainConfig) -> TrainConfig:
     if pretrained and Path(pretrained).expanduser().exists():
         cfg.model.backbone.pretrained = str(Path(pretrained).expanduser().resolve())
     return cfg
-
-
-class ConfigError(ValueError):
-    pass
 
 
 def load_train_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
@@ -112,14 +109,8 @@ def load_train_config(path: str | Path, overrides: dict | None = None) -> TrainC
     try:
         return TrainConfig.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        raise ConfigError(f"{path}: invalid training config: {problems}") from None
+        raise ConfigError(format_validation_error(exc, f"{path}: invalid training config")) from None
 
 
 def dump_train_config(cfg: TrainConfig, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    tmp.replace(path)
-    return path
+    return atomic_write_text(path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

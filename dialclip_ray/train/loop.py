@@ -13,11 +13,12 @@ each checkpoint, because Ray keeps only metrics reported with a checkpoint.
 from __future__ import annotations
 
 import json
-import math
 import os
 import resource
+import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,8 +27,10 @@ from dialclip_ray.model.batch import TARGET_TYPES
 from dialclip_ray.model.checkpoint import read_checkpoint, save_checkpoint
 from dialclip_ray.data.dataset import CanonicalDataset, ReaderConfig, make_train_loader
 from dialclip_ray.evaluation.local import evaluate_model
+from dialclip_ray.features.store import FeatureStore, open_for_model
 from dialclip_ray.model.dialclip import build_model
 from dialclip_ray.model.params import parameter_report
+from dialclip_ray.runtime import AmpStep, warmup_cosine
 from dialclip_ray.train.config import TrainConfig
 
 STATE_FILE = "train_state.pt"
@@ -39,16 +42,9 @@ def _interleave(lengths: list[int]) -> list[int]:
     return [i for _, i in sorted(slots)]
 
 
-def _lr_lambda(warmup: int, total: int):
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / max(1, warmup)
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return f
-
-
-def build_loaders(cfg: TrainConfig, backbone, reader: ReaderConfig, prepare) -> list:
+def build_loaders(cfg: TrainConfig, backbone, reader: ReaderConfig, prepare,
+                  stores: dict[str, FeatureStore | None] | None = None) -> list:
+    """One loader per dataset and target type; ``stores`` maps a dataset dir to its frozen feature store."""
     loaders = []
     for path in cfg.data.train:
         ds = CanonicalDataset.load(path)
@@ -58,20 +54,22 @@ def build_loaders(cfg: TrainConfig, backbone, reader: ReaderConfig, prepare) -> 
             loader = make_train_loader(ds, cfg.data.train_split, ttype, backbone.tokenizer, backbone.preprocess_train,
                                        reader, cfg.optim.batch_size, shuffle=True, seed=cfg.run.seed,
                                        num_workers=cfg.data.loader_workers, drop_last=True,
-                                       max_examples=cfg.data.max_train_examples)
+                                       max_examples=cfg.data.max_train_examples,
+                                       features=(stores or {}).get(path))
             loaders.append(prepare(loader))
     if not loaders:
         raise ValueError(f"no training examples in split {cfg.data.train_split!r} of {cfg.data.train}")
     return loaders
 
 
-def validate(model, backbone, cfg: TrainConfig, reader: ReaderConfig, device) -> dict:
+def validate(model, backbone, cfg: TrainConfig, reader: ReaderConfig, device,
+             stores: dict[str, FeatureStore | None] | None = None) -> dict:
     """Validation Sum averaged over datasets, plus each dataset's per-type metrics (flattened)."""
     flat, sums = {}, []
     for path in cfg.data.train:
         ds = CanonicalDataset.load(path)
         res = evaluate_model(model, backbone, ds, cfg.data.val_split, reader, cfg.optim.eval_batch_size, device,
-                             cfg.data.max_val_examples)
+                             cfg.data.max_val_examples, features=(stores or {}).get(path))
         if not res["per_type"]:
             continue
         sums.append(res["sum"])
@@ -82,10 +80,29 @@ def validate(model, backbone, cfg: TrainConfig, reader: ReaderConfig, device) ->
     return flat
 
 
-def train_loop_per_worker(loop_config: dict) -> None:
+@dataclass
+class _Worker:
+    """What one Train worker builds once and every epoch uses."""
+    cfg: TrainConfig
+    rank: int
+    world: int
+    device: torch.device
+    model: torch.nn.Module
+    backbone: object
+    reader: ReaderConfig
+    trainable: list
+    optimizer: torch.optim.Optimizer | None
+    stores: dict[str, FeatureStore | None]
+    step_seconds: list[float]
+    first_step_unix: float | None = None
+    launched_unix: float | None = None   # when the driver called fit(): start-up = first step - this
+    setup_seconds: float | None = None
+
+
+def _setup(loop_config: dict) -> _Worker:
+    """Threads, device, seed, the model (frozen backbone loaded here) and its optimizer."""
     import ray.train
     import ray.train.torch
-    from ray.train import Checkpoint
 
     cfg = TrainConfig.model_validate(loop_config["train"])
     ctx = ray.train.get_context()
@@ -93,10 +110,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     torch.set_num_threads(cfg.run.threads_per_worker or max(1, (os.cpu_count() or 2) // world))
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.run.seed)
-
     model, backbone = build_model(cfg.model, seed=cfg.run.seed)
     model.to(device)
-    reader = ReaderConfig.from_model_config(cfg.model)
     added = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("clip.")]
     groups = [{"params": added, "lr": cfg.optim.lr}]
     if cfg.model.variant == "finetune":
@@ -104,81 +119,133 @@ def train_loop_per_worker(loop_config: dict) -> None:
                        "lr": cfg.optim.backbone_lr})
     trainable = [p for g in groups for p in g["params"]]
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg.optim.weight_decay) if trainable else None
+    # The driver built the stores (run_training); a worker only opens them and checks their backbone.
+    stores = {path: open_for_model(path, model, cfg.data.features) for path in cfg.data.train}
+    return _Worker(cfg, rank, world, device, model, backbone, ReaderConfig.from_model_config(cfg.model), trainable,
+                   optimizer, stores, [])
 
-    history: list[dict] = []
-    start_epoch, step = 0, 0
+
+def _restore(w: _Worker, scheduler) -> tuple[int, int, list[dict]]:
+    """(start epoch, step, history) from Ray Train's latest checkpoint of this run, else a fresh start.
+
+    Weights, optimizer and LR scheduler come back from their state dicts. A checkpoint written
+    before the scheduler was saved sets the schedule's position from its step count instead.
+    """
+    import ray.train
+
     restored = ray.train.get_checkpoint()
-    if restored is not None:
-        with restored.as_directory() as d:
-            _, state = read_checkpoint(d)
-            model.load_state_dict(state, strict=False)
-            train_state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
-        start_epoch, step = int(train_state["epoch"]), int(train_state["step"])
-        history = json.loads(train_state["history_json"])
-        if optimizer is not None and train_state.get("optimizer"):
-            optimizer.load_state_dict(train_state["optimizer"])
+    if restored is None:
+        return 0, 0, []
+    with restored.as_directory() as d:
+        _, state = read_checkpoint(d)
+        w.model.load_state_dict(state, strict=False)
+        train_state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+    step = int(train_state["step"])
+    if w.optimizer is not None and train_state.get("optimizer"):
+        w.optimizer.load_state_dict(train_state["optimizer"])
+    if scheduler is not None and train_state.get("scheduler"):
+        scheduler.load_state_dict(train_state["scheduler"])
+    elif scheduler is not None and step:  # legacy checkpoint: jump to the step (closed-form schedule)
+        scheduler.last_epoch = step - 1
+        scheduler.step()
+    return int(train_state["epoch"]), step, json.loads(train_state["history_json"])
 
-    loaders = build_loaders(cfg, backbone, reader, ray.train.torch.prepare_data_loader) if cfg.optim.epochs else []
-    steps_per_epoch = sum(len(dl) for dl in loaders)
-    scheduler = (torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _lr_lambda(cfg.optim.warmup_steps, max(1, steps_per_epoch * cfg.optim.epochs)), last_epoch=-1)
-        if optimizer is not None else None)
-    for _ in range(step):
-        scheduler.step() if scheduler else None
-    ddp = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True}) \
-        if trainable else model
-    use_amp = device.type == "cuda" and cfg.run.amp != "none"
-    amp_dtype = torch.bfloat16 if cfg.run.amp == "bf16" else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and cfg.run.amp == "fp16")
-    report_params = parameter_report(model).as_dict()
 
+def _train_epoch(w: _Worker, ddp, loaders: list, amp: AmpStep, scheduler, epoch: int, step: int
+                 ) -> tuple[list[float], int]:
+    """One pass over every loader in the fixed interleaved order; returns (step losses, step count)."""
+    for dl in loaders:
+        if hasattr(dl.sampler, "set_epoch"):
+            dl.sampler.set_epoch(epoch)
+    ddp.train()
+    iters = [iter(dl) for dl in loaders]
+    order = _interleave([len(dl) for dl in loaders])
+    progress = _progress(len(order), f"epoch {epoch + 1}/{w.cfg.optim.epochs}", w.rank)
+    losses = []
+    for which in order:
+        t0 = time.perf_counter()
+        w.first_step_unix = w.first_step_unix or time.time()
+        batch = next(iters[which]).to(w.device)
+        with amp.autocast():
+            loss = ddp(batch)["loss"]
+        amp.backward_and_step(loss, w.optimizer, scheduler)
+        w.step_seconds.append(time.perf_counter() - t0)
+        step += 1
+        losses.append(loss.item())
+        progress.update(1)
+        progress.set_postfix(loss=f"{losses[-1]:.3f}")
+    progress.close()
+    return losses, step
+
+
+def _epoch_metrics(w: _Worker, epoch: int, step: int, losses: list[float], seconds: float, params: dict) -> dict:
+    """The metrics every rank reports for one epoch (validation by rank 0, broadcast to all)."""
+    metrics = {"epoch": epoch + 1 if w.cfg.optim.epochs else 0, "step": step,
+               "train_loss": sum(losses) / len(losses) if losses else float("nan"), "epoch_seconds": seconds,
+               "trainable_params": params["trainable"], "trainable_percent": params["percent"],
+               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+               "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if w.device.type == "cuda" else 0.0,
+               **_timing(w)}
+    if w.rank == 0:
+        metrics.update(validate(w.model, w.backbone, w.cfg, w.reader, w.device, w.stores))
+    return _broadcast(metrics, w.world)
+
+
+def _timing(w: _Worker) -> dict:
+    """Steady-state step time (the first step of a run warms up and is left out) and start-up cost."""
+    steps = w.step_seconds[1:] or w.step_seconds
+    out = {"step_ms_median": 1000 * statistics.median(steps) if steps else float("nan")}
+    if w.first_step_unix and w.launched_unix:
+        out["startup_s"] = w.first_step_unix - w.launched_unix
+    if w.setup_seconds is not None:
+        out["setup_s"] = w.setup_seconds
+    return out
+
+
+def _report(w: _Worker, metrics: dict, history: list[dict], step: int, scheduler) -> None:
+    """Every rank reports (a barrier); rank 0 attaches the checkpoint with weights and training state."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    if w.rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        save_checkpoint(w.model, tmp, extra={"epoch": metrics["epoch"], "metrics": metrics, "history": history,
+                                             "train_config": w.cfg.model_dump(mode="json")})
+        torch.save({"epoch": metrics["epoch"], "step": step, "history_json": json.dumps(history),
+                    "optimizer": w.optimizer.state_dict() if w.optimizer is not None else {},
+                    "scheduler": scheduler.state_dict() if scheduler is not None else {}},
+                   Path(tmp) / STATE_FILE)
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """Ray Train entry: set up, resume from this run's latest checkpoint, then train, validate and report."""
+    import ray.train.torch
+
+    t_setup = time.time()
+    w = _setup(loop_config)
+    w.launched_unix = loop_config.get("launched_unix")
+    cfg = w.cfg
+    loaders = (build_loaders(cfg, w.backbone, w.reader, ray.train.torch.prepare_data_loader, w.stores)
+               if cfg.optim.epochs else [])
+    total = max(1, sum(len(dl) for dl in loaders) * cfg.optim.epochs)
+    scheduler = (torch.optim.lr_scheduler.LambdaLR(w.optimizer, warmup_cosine(cfg.optim.warmup_steps, total))
+                 if w.optimizer is not None else None)
+    start_epoch, step, history = _restore(w, scheduler)
+    ddp = ray.train.torch.prepare_model(w.model, parallel_strategy_kwargs={"find_unused_parameters": True}) \
+        if w.trainable else w.model
+    amp = AmpStep(w.device, cfg.run.amp, w.trainable, cfg.optim.grad_clip)
+    params = parameter_report(w.model).as_dict()
+    w.setup_seconds = time.time() - t_setup
     for epoch in range(start_epoch, max(cfg.optim.epochs, 1 if start_epoch == 0 else 0)):
         t0, losses = time.time(), []
         if cfg.optim.epochs:
-            for dl in loaders:
-                if hasattr(dl.sampler, "set_epoch"):
-                    dl.sampler.set_epoch(epoch)
-            ddp.train()
-            iters = [iter(dl) for dl in loaders]
-            order = _interleave([len(dl) for dl in loaders])
-            progress = _progress(len(order), f"epoch {epoch + 1}/{cfg.optim.epochs}", rank)
-            for which in order:
-                batch = next(iters[which]).to(device)
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                    loss = ddp(batch)["loss"]
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if cfg.optim.grad_clip:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                step += 1
-                losses.append(loss.item())
-                progress.update(1)
-                progress.set_postfix(loss=f"{loss.item():.3f}")
-            progress.close()
-        train_s = time.time() - t0
-        metrics = {"epoch": epoch + 1 if cfg.optim.epochs else 0, "step": step,
-                   "train_loss": sum(losses) / len(losses) if losses else float("nan"), "epoch_seconds": train_s,
-                   "trainable_params": report_params["trainable"], "trainable_percent": report_params["percent"],
-                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                   "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else 0.0}
-        if rank == 0:
-            metrics.update(validate(model, backbone, cfg, reader, device))
-        metrics = _broadcast(metrics, world)
+            losses, step = _train_epoch(w, ddp, loaders, amp, scheduler, epoch, step)
+        metrics = _epoch_metrics(w, epoch, step, losses, time.time() - t0, params)
         history.append(metrics)
-        if rank == 0:
-            with tempfile.TemporaryDirectory() as tmp:
-                save_checkpoint(model, tmp, extra={"epoch": metrics["epoch"], "metrics": metrics,
-                                                   "history": history, "train_config": cfg.model_dump(mode="json")})
-                torch.save({"epoch": metrics["epoch"], "step": step, "history_json": json.dumps(history),
-                            "optimizer": optimizer.state_dict() if optimizer is not None else {}},
-                           Path(tmp) / STATE_FILE)
-                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
-        else:
-            ray.train.report(metrics)
+        _report(w, metrics, history, step, scheduler)
 
 
 def _broadcast(metrics: dict, world: int) -> dict:

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dialclip_ray.model.checkpoint import META_FILE, WEIGHTS_FILE
-from dialclip_ray.runtime import ensure_ray
+from dialclip_ray.features.store import ensure_store
+from dialclip_ray.runtime import build_trainer, ensure_ray
 from dialclip_ray.train.config import TrainConfig, dump_train_config, resolve_paths
 from dialclip_ray.train.plots import plot_training_curves
 
@@ -46,14 +47,10 @@ def _ray_checkpoints(run_dir: Path) -> list[tuple[int, float, Path]]:
 
 
 def _copy_checkpoint(src: Path, dst: Path) -> Path:
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for name in (WEIGHTS_FILE, META_FILE):
-        shutil.copy2(src / name, tmp / name)
-    shutil.rmtree(dst, ignore_errors=True)
-    tmp.rename(dst)
-    return dst
+    """Copy a checkpoint's two files to ``dst`` atomically: an existing ``dst`` stays until the new one is in."""
+    from dialclip_ray.fsio import copy_dir_atomic
+
+    return copy_dir_atomic(src, dst, [WEIGHTS_FILE, META_FILE])
 
 
 def _write_history(history: list[dict], run_dir: Path) -> None:
@@ -69,9 +66,6 @@ def _write_history(history: list[dict], run_dir: Path) -> None:
 
 def run_training(cfg: TrainConfig) -> TrainOutcome:
     """Train (or resume, or reuse) the run ``cfg.run.name``; return its best and latest checkpoints."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     from dialclip_ray.train.loop import train_loop_per_worker
 
     cfg = resolve_paths(cfg.model_copy(deep=True))
@@ -81,18 +75,14 @@ def run_training(cfg: TrainConfig) -> TrainOutcome:
     done = _ray_checkpoints(run_dir)
     trained = not done or done[-1][0] < cfg.optim.epochs
     if trained:
-        ensure_ray(num_cpus=max(2, cfg.run.workers), num_gpus=None)
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config={"train": cfg.model_dump(mode="json")},
-            scaling_config=ScalingConfig(num_workers=cfg.run.workers, use_gpu=cfg.run.use_gpu),
-            run_config=RunConfig(
-                name=cfg.run.name, storage_path=str(storage),
-                failure_config=FailureConfig(max_failures=cfg.run.max_failures),
-                checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.num_to_keep,
-                                                   checkpoint_score_attribute="val_sum",
-                                                   checkpoint_score_order="max")))
-        trainer.fit()
+        ensure_ray(num_cpus=cfg.run.workers)
+        for path in cfg.data.train:  # frozen context features, computed once per dataset and backbone
+            ensure_store(path, cfg.model, cfg.data.features)
+        loop_config = {"train": cfg.model_dump(mode="json"), "launched_unix": time.time()}
+        build_trainer(train_loop_per_worker, loop_config, name=cfg.run.name,
+                      storage_path=str(storage), workers=cfg.run.workers, use_gpu=cfg.run.use_gpu,
+                      max_failures=cfg.run.max_failures, num_to_keep=cfg.run.num_to_keep,
+                      score_attribute="val_sum").fit()
         done = _ray_checkpoints(run_dir)
     if not done:
         raise RuntimeError(f"training run {run_dir} produced no checkpoint")

@@ -10,10 +10,24 @@ from __future__ import annotations
 import csv
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 from dialclip_ray.train.config import TrainConfig, dump_train_config
 from dialclip_ray.tuning.space import SweepSpec, apply_params
+
+
+@dataclass
+class SweepOutcome:
+    """What ``run_sweep`` returns; defined beside the code that fills it, so sweep imports report, never back."""
+    sweep_dir: Path
+    table: list[dict]
+    best_params: dict
+    best_val_sum: float
+    default_val_sum: float | None
+    best_config_path: Path
+    restored: bool
+
 
 PLOTTED = (("context_prompt_length", "context prompts Lc"), ("insertion_layer", "insertion layer Lins"),
            ("num_experts", "experts K"), ("domain_prompt_length", "domain prompts Ld"))
@@ -71,9 +85,7 @@ def plot_sensitivity(rows: list[dict], base: TrainConfig, path: Path) -> Path:
     return path
 
 
-def write_outputs(results, spec: SweepSpec, base: TrainConfig, sweep_dir: Path, restored: bool):
-    from dialclip_ray.tuning.sweep import SweepOutcome
-
+def write_outputs(results, spec: SweepSpec, base: TrainConfig, sweep_dir: Path, restored: bool) -> SweepOutcome:
     rows = trial_table(results, spec)
     write_table(rows, sweep_dir)
     plot_sensitivity(rows, base, sweep_dir / "sensitivity.png")

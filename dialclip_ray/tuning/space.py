@@ -15,8 +15,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from dialclip_ray.errors import ConfigError, format_validation_error
 from dialclip_ray.model.config import DialCLIPConfig
-from dialclip_ray.train.config import ConfigError, TrainConfig, load_train_config
+from dialclip_ray.train.config import TrainConfig, load_train_config
 
 MODEL_KEYS = set(DialCLIPConfig.model_fields) - {"backbone", "variant", "task_words"}
 OPTIM_KEYS = {"lr", "batch_size", "weight_decay", "warmup_steps"}
@@ -88,8 +89,8 @@ class SweepSpec(BaseModel):
         return self
 
 
-class SpaceError(ValueError):
-    pass
+class SpaceError(ConfigError):
+    """An unreadable or invalid sweep file (a ``ConfigError``)."""
 
 
 def load_space(path: str | Path) -> tuple[SweepSpec, TrainConfig]:
@@ -101,8 +102,7 @@ def load_space(path: str | Path) -> tuple[SweepSpec, TrainConfig]:
     except (OSError, yaml.YAMLError) as exc:
         raise SpaceError(f"{path}: cannot read search space: {exc}") from None
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        raise SpaceError(f"{path}: invalid search space: {problems}") from None
+        raise SpaceError(format_validation_error(exc, f"{path}: invalid search space")) from None
     base_path = (path.parent / spec.base_config) if not Path(spec.base_config).is_absolute() else Path(spec.base_config)
     try:
         base = load_train_config(base_path)
@@ -114,22 +114,22 @@ def load_space(path: str | Path) -> tuple[SweepSpec, TrainConfig]:
 
 def _check_bounds(path: Path, spec: SweepSpec, base: TrainConfig) -> None:
     """Every discrete value must make a valid config on this backbone (e.g. an existing insertion layer)."""
-    import open_clip
+    from dialclip_ray.model.backbone import UnsupportedBackboneError, backbone_geometry
 
-    from dialclip_ray.model.backbone import register_model_configs
-
-    register_model_configs()
-    cfg = open_clip.get_model_config(base.model.backbone.model_name) or {}
-    text_layers = cfg.get("text_cfg", {}).get("layers", 12)
-    vision_layers = cfg.get("vision_cfg", {}).get("layers", 12)
+    try:
+        geometry = backbone_geometry(base.model.backbone.model_name)
+    except UnsupportedBackboneError as exc:
+        raise SpaceError(f"{path}: base_config: model.backbone.model_name: {exc}") from None
     for key, dist in spec.params.items():
         for value in dist.values() or []:
+            where = f"{path}: params.{key}: value {value!r} is invalid"
             try:
                 trial = apply_params(base, {key: value})
-                trial.model.check_backbone_depth(text_layers, vision_layers)
-            except (ValidationError, ValueError) as exc:
-                msg = exc.errors()[0]["msg"] if isinstance(exc, ValidationError) else str(exc)
-                raise SpaceError(f"{path}: params.{key}: value {value!r} is invalid: {msg}") from None
+                trial.model.check_backbone_depth(geometry.text_layers, geometry.vision_layers)
+            except ValidationError as exc:
+                raise SpaceError(format_validation_error(exc, where)) from None
+            except ValueError as exc:
+                raise SpaceError(f"{where}: {exc}") from None
 
 
 def apply_params(base: TrainConfig, params: dict[str, Any]) -> TrainConfig:

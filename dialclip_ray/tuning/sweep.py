@@ -13,19 +13,19 @@ the default?" within one run.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dialclip_ray.runtime import build_trainer, ensure_ray
+from dialclip_ray.tuning.report import SweepOutcome, write_outputs
 from dialclip_ray.tuning.space import SweepSpec, apply_params
 
 METRIC = "val_sum"
 
 
 def trial_fn(config: dict[str, Any], base: dict, epochs: int, trials_dir: str, use_gpu: bool) -> None:
+    """One trial: the training loop of ``dialclip train``, built by the same ``build_trainer``."""
     from ray import tune
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from dialclip_ray.train.config import TrainConfig
@@ -36,23 +36,9 @@ def trial_fn(config: dict[str, Any], base: dict, epochs: int, trials_dir: str, u
     cfg.run.name = f"trial-{tune.get_context().get_trial_id()}"
     cfg.run.storage_path = trials_dir
     cfg.run.use_gpu = use_gpu
-    TorchTrainer(
-        train_loop_per_worker, train_loop_config={"train": cfg.model_dump(mode="json")},
-        scaling_config=ScalingConfig(num_workers=cfg.run.workers, use_gpu=use_gpu),
-        run_config=RunConfig(name=cfg.run.name, storage_path=trials_dir, callbacks=[TuneReportCallback()],
-                             checkpoint_config=CheckpointConfig(num_to_keep=1)),
-    ).fit()
-
-
-@dataclass
-class SweepOutcome:
-    sweep_dir: Path
-    table: list[dict]
-    best_params: dict
-    best_val_sum: float
-    default_val_sum: float | None
-    best_config_path: Path
-    restored: bool
+    build_trainer(train_loop_per_worker, {"train": cfg.model_dump(mode="json")}, name=cfg.run.name,
+                  storage_path=trials_dir, workers=cfg.run.workers, use_gpu=use_gpu,
+                  max_failures=cfg.run.max_failures, num_to_keep=1, callbacks=[TuneReportCallback()]).fit()
 
 
 def _search_alg(spec: SweepSpec, default_point: dict):
@@ -73,17 +59,21 @@ def run_sweep(space_path: str | Path, name: str, storage: str | Path = "runs/tun
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from dialclip_ray.runtime import ensure_ray
-    from dialclip_ray.tuning.report import write_outputs
-    from dialclip_ray.tuning.space import load_space
-
     from dialclip_ray.train.config import resolve_paths
+    from dialclip_ray.tuning.space import load_space
 
     spec, base = load_space(space_path)
     base = resolve_paths(base)
     storage = Path(storage).expanduser().resolve()
     sweep_dir = storage / name
-    ensure_ray(num_cpus=4)
+    # a running trial holds its own CPUs plus its TorchTrainer workers' (one each)
+    ensure_ray(num_cpus=spec.max_concurrent * (cpus_per_trial + base.run.workers))
+    if base.data.features != "off" and base.model.variant == "dialclip":
+        # Trials may switch the CPG on even where the base has it off: build each store once, up front.
+        from dialclip_ray.features.build import build_feature_store
+
+        for path in base.data.train:
+            build_feature_store(path, base.model.backbone.model_name, base.model.backbone.pretrained)
     trainable = tune.with_resources(
         tune.with_parameters(trial_fn, base=base.model_dump(mode="json"), epochs=spec.epochs,
                              trials_dir=str(sweep_dir / "trials"), use_gpu=gpus_per_trial > 0),

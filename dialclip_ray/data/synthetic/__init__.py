@@ -1,4 +1,4 @@
-"""Deterministic synthetic corpus in the real PhotoChat and MMDialog formats (design.md 3.4).
+"""Deterministic synthetic corpus in the real PhotoChat and MMDialog formats (README: the synthetic task).
 
 ``generate(out, dialogs, seed, image_size, workers)`` renders attribute scenes
 (colour, shape, count, background, size; plus jitter), writes dialogs about

@@ -18,7 +18,10 @@ from PIL import Image, ImageDraw
 from dialclip_ray.data.synthetic.vocab import COLOURS, Scene
 
 MAX_IMAGE_SIZE = 1024
-_RADIUS = {"small": 0.095, "large": 0.17}  # fraction of the image side
+# Fraction of the image side. Generator v2 enlarged them from 0.095 / 0.17: a small shape was 12 px
+# across at 64 px, 1.5 patches of an 8 px ViT patch grid, and a CLIP pretrained here in minutes could
+# not tell its outline apart (most held-out errors were shape and count).
+_RADIUS = {"small": 0.12, "large": 0.2}
 
 
 def _tint(rng: random.Random, rgb: tuple[int, int, int], amount: int) -> tuple[int, int, int]:
@@ -79,7 +82,7 @@ def _positions(rng: random.Random, n: int, r: float, s: int) -> list[tuple[float
     out: list[tuple[float, float]] = []
     for _ in range(n):
         best, best_gap = None, -1.0
-        for _ in range(20):
+        for _ in range(60):  # three large shapes need several tries to avoid touching (counting them must work)
             p = (rng.uniform(r, s - r), rng.uniform(r, s - r))
             gap = min((math.dist(p, q) for q in out), default=s)
             if gap >= 2.1 * r:

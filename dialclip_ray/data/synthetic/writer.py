@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -20,12 +18,14 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dialclip_ray.data.synthetic.dialogs import Conversation, ImageItem, mmdialog_conversation, photochat_dialog, text_pool
+from dialclip_ray.data.synthetic.dialogs import (Conversation, ImageItem, TextItem, mmdialog_conversation,
+                                                photochat_dialog, text_pool)
 from dialclip_ray.data.synthetic.render_pool import ImageJob, render_all
 from dialclip_ray.data.synthetic.scenes import MAX_IMAGE_SIZE
 from dialclip_ray.data.synthetic.vocab import ALL_SCENES, ATTRIBUTES, VALUES, Scene, captions, neighbours, photo_description
+from dialclip_ray.fsio import staging_dir
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: MMDialog replies determined by the context, hard negative texts, split sizes
 NEGATIVES = 999
 PHOTOCHAT_SPLITS = ("train", "dev", "test")
 MMDIALOG_SPLITS = ("train", "valid", "test")
@@ -47,6 +47,12 @@ class SynthConfig:
     mmdialog_fraction: float = 0.2  # MMDialog conversations per PhotoChat dialog
     chain_fraction: float = 0.5  # MMDialog conversations whose later image refers to an earlier one
     captions_per_image: int = 3
+    # Explicit split sizes (train, dev, test) in dialogs / (train, valid, test) in conversations; None: derived
+    # from ``dialogs`` (``photochat_split_sizes``, ``mmdialog_split_sizes``).
+    photochat_sizes: tuple[int, int, int] | None = None
+    mmdialog_sizes: tuple[int, int, int] | None = None
+    caption_images: int = 0  # extra images with captions only (split train): pretraining data for the small CLIP
+    text_hard_negatives: int = 300  # cap on one-attribute variants among a record's 999 negative texts
 
     def __post_init__(self) -> None:
         if not isinstance(self.dialogs, int) or self.dialogs < 10:
@@ -61,6 +67,26 @@ class SynthConfig:
             raise ValueError("shard_size >= 1, 0 < mmdialog_fraction <= 1 and 0 <= chain_fraction <= 1 required")
         if not 1 <= self.captions_per_image <= 8:
             raise ValueError(f"captions_per_image must be within 1..8, got {self.captions_per_image}")
+        for name in ("photochat_sizes", "mmdialog_sizes"):
+            sizes = getattr(self, name)
+            if sizes is not None:
+                if len(sizes) != 3 or not all(isinstance(n, int) and n >= 1 for n in sizes):
+                    raise ValueError(f"{name} must be three integers >= 1 (train, held-out, test), got {sizes!r}")
+                object.__setattr__(self, name, tuple(sizes))
+        if not isinstance(self.caption_images, int) or self.caption_images < 0:
+            raise ValueError(f"caption_images must be an integer >= 0, got {self.caption_images!r}")
+        if not 0 <= self.text_hard_negatives <= NEGATIVES // 2:
+            raise ValueError(f"text_hard_negatives must be within 0..{NEGATIVES // 2}")
+
+    def photochat_splits(self) -> dict[str, int]:
+        if self.photochat_sizes is None:
+            return photochat_split_sizes(self.dialogs)
+        return dict(zip(PHOTOCHAT_SPLITS, self.photochat_sizes))
+
+    def mmdialog_splits(self) -> dict[str, int]:
+        if self.mmdialog_sizes is None:
+            return mmdialog_split_sizes(max(3, round(self.dialogs * self.mmdialog_fraction)))
+        return dict(zip(MMDIALOG_SPLITS, self.mmdialog_sizes))
 
 
 def photochat_split_sizes(n: int) -> dict[str, int]:
@@ -146,7 +172,7 @@ def _photochat_json(records: list[dict]) -> str:
 def _photochat(cfg: SynthConfig, ids: _Ids, root: Path, jobs: list[ImageJob], truth: dict,
                writes: list[tuple[Path, Any, Any]]) -> dict[str, Any]:
     counts: dict[str, Any] = {}
-    for split, n in photochat_split_sizes(cfg.dialogs).items():
+    for split, n in cfg.photochat_splits().items():
         scenes = sample_scenes(random.Random(f"pc-scenes:{cfg.seed}:{split}"), n, unique=split != "train")
         records = []
         for i, scene in enumerate(scenes):
@@ -172,7 +198,7 @@ def _photochat(cfg: SynthConfig, ids: _Ids, root: Path, jobs: list[ImageJob], tr
 
 def _conversation_json(conv: Conversation, keys: list[str]) -> list[dict]:
     it = iter(keys)
-    return [{"turn": [{"__MEDIA__": next(it)} if isinstance(item, ImageItem) else {"__TEXT__": item}
+    return [{"turn": [{"__MEDIA__": next(it)} if isinstance(item, ImageItem) else {"__TEXT__": item.text}
                       for item in turn]} for turn in conv.turns]
 
 
@@ -192,12 +218,37 @@ def _negatives(rng: random.Random, targets: list[Scene], own: set[str], pool: di
     return picked
 
 
+def _text_negatives(rng: random.Random, own: list[TextItem], targets: list[TextItem], pool: list[TextItem],
+                    objects: list[Scene], max_hard: int) -> list[str]:
+    """999 negative texts: one-attribute variants of the record's reply targets, then random fill.
+
+    Negatives are shared by all text targets of a record (the MMDialog format), so none may
+    be a valid reply in it: no own text, no paraphrase of a target (same kind and values) and
+    nothing that is true of one of the conversation's objects (a random "love the red ones"
+    when the conversation has red ones). The variants are false by construction; the filter
+    drops the few that happen to describe another object of the conversation.
+    """
+    own_texts = {x.text for x in own}
+    said = {x.signature for x in targets}
+
+    def clean(x: TextItem) -> bool:
+        return x.text not in own_texts and x.signature not in said and not any(x.true_of(o) for o in objects)
+
+    hard = list({v.text: None for x in targets for v in x.variants(rng) if clean(v)})
+    if len(hard) > max_hard:
+        hard = rng.sample(hard, max_hard)
+    taken = set(hard)
+    fill = [x.text for x in pool if x.text not in taken and clean(x)]
+    picked = hard + rng.sample(fill, NEGATIVES - len(hard))
+    rng.shuffle(picked)
+    return picked
+
+
 def _mmdialog(cfg: SynthConfig, ids: _Ids, root: Path, jobs: list[ImageJob], truth: dict,
               writes: list[tuple[Path, Any, Any]]) -> dict[str, Any]:
     counts: dict[str, Any] = {}
-    n_total = max(3, round(cfg.dialogs * cfg.mmdialog_fraction))
     cid = 0
-    for split, n in mmdialog_split_sizes(n_total).items():
+    for split, n in cfg.mmdialog_splits().items():
         split_dir = f"mmdialog/{split}"
         convs: list[tuple[int, Conversation, list[str]]] = []
         media: list[tuple[str, Scene]] = []
@@ -208,13 +259,14 @@ def _mmdialog(cfg: SynthConfig, ids: _Ids, root: Path, jobs: list[ImageJob], tru
             cid += 1
             convs.append((cid, conv, keys))
         records, targets = [], []
+        texts: list[TextItem] = []
         held_out = split != "train"
         pool: dict[Scene, str] = {}
         if held_out:  # one image of every scene: hard negatives exist for every target
             pool = {s: ids.media_key() for s in ALL_SCENES}
             media += [(k, s) for s, k in pool.items()]
             texts = text_pool(random.Random(f"mm-texts:{cfg.seed}:{split}"), lambda r: r.choice(ALL_SCENES),
-                              NEGATIVES + 1000)
+                              2 * NEGATIVES)
         conv_media = [(k, item.scene) for _, conv, keys in convs
                       for k, item in zip(keys, [x for t in conv.turns for x in t if isinstance(x, ImageItem)])]
         media += conv_media
@@ -230,13 +282,22 @@ def _mmdialog(cfg: SynthConfig, ids: _Ids, root: Path, jobs: list[ImageJob], tru
                 targets.append({"split": split, "conversation_id": cid_i, "turn": t, "media_key": key,
                                 "needs_earlier_image": item.hidden is not None, "hidden_attribute": item.hidden,
                                 "source_media_key": keys[item.source] if item.source is not None else None})
-            n_text_targets += sum(1 for turn in conv.turns[1:] for x in turn if isinstance(x, str))
+            text_targets = [(t, j, x) for t, turn in enumerate(conv.turns) for j, x in enumerate(turn)
+                            if t > 0 and isinstance(x, TextItem)]
+            n_text_targets += len(text_targets)
+            truth["mmdialog"]["text_targets"] += [
+                {"split": split, "conversation_id": cid_i, "turn": t, "item": j, "kind": x.kind,
+                 "grounding": x.grounding, "attributes": sorted(x.attrs), "source_turns": list(x.sources),
+                 "source_image_turn": x.image_turn} for t, j, x in text_targets]
             if held_out:
                 rng = random.Random(f"mm-neg:{cfg.seed}:{split}:{cid_i}")
                 target_scenes = [x.scene for t, x in items if t > 0]
                 record["negative_candidate_media_keys"] = _negatives(rng, target_scenes, set(keys), pool, conv_media)
-                own_texts = {x for turn in conv.turns for x in turn if isinstance(x, str)}
-                record["negative_candidate_texts"] = rng.sample([x for x in texts if x not in own_texts], NEGATIVES)
+                record["negative_candidate_texts"] = _text_negatives(
+                    rng, [x for turn in conv.turns for x in turn if isinstance(x, TextItem)],
+                    [x for _, _, x in text_targets], texts,
+                    list({x.scene: None for turn in conv.turns for x in turn if x.scene is not None}),
+                    cfg.text_hard_negatives)
             records.append(record)
         for key, scene in media:
             jobs.append(ImageJob(f"{split_dir}/{key}.jpg", scene, f"img:{cfg.seed}:{key}", key, CAPTION_SPLIT[split]))
@@ -263,10 +324,15 @@ def _write_captions(cfg: SynthConfig, root: Path, jobs: list[ImageJob]) -> dict[
 def _build(cfg: SynthConfig, root: Path, progress: bool) -> dict[str, Any]:
     ids = _Ids(cfg.seed)
     jobs: list[ImageJob] = []
-    truth: dict[str, Any] = {"photochat": {}, "mmdialog": {"images": {}, "targets": []}}
+    truth: dict[str, Any] = {"photochat": {}, "mmdialog": {"images": {}, "targets": [], "text_targets": []}}
     writes: list[tuple[Path, Any, Any]] = []
     pc_counts = _photochat(cfg, ids, root, jobs, truth, writes)
     mm_counts = _mmdialog(cfg, ids, root, jobs, truth, writes)
+    scene_rng = random.Random(f"caption-scenes:{cfg.seed}")
+    for _ in range(cfg.caption_images):  # pretraining-only images: uniform over the scenes, never in a dialog
+        image_id = ids.hex16()
+        jobs.append(ImageJob(f"caption_images/{image_id}.jpg", scene_rng.choice(ALL_SCENES),
+                             f"img:{cfg.seed}:cap:{image_id}", image_id, "train"))
     truth["attributes"] = list(ATTRIBUTES)
     writes.append((root / TRUTH_FILE, truth, None))
     caption_counts: dict[str, int] = {}
@@ -289,7 +355,8 @@ def _build(cfg: SynthConfig, root: Path, progress: bool) -> dict[str, Any]:
         "mmdialog_image_pattern": "mmdialog/{split}/{media_key}.jpg",
         "truth_file": TRUTH_FILE,
         "config": asdict(cfg) | {"workers": None},
-        "counts": {"photochat": pc_counts, "mmdialog": mm_counts, "images": len(jobs), "captions": caption_counts},
+        "counts": {"photochat": pc_counts, "mmdialog": mm_counts, "caption_images": cfg.caption_images,
+                   "images": len(jobs), "captions": caption_counts},
         "vocab": {a: list(VALUES[a]) for a in ATTRIBUTES},
     }
     _dump_json(root / "synth_meta.json", meta, 2)
@@ -297,26 +364,23 @@ def _build(cfg: SynthConfig, root: Path, progress: bool) -> dict[str, Any]:
 
 
 def generate(out: str | os.PathLike, dialogs: int = 2000, seed: int = 0, image_size: int = 64,
-             workers: int | None = None, *, overwrite: bool = False, progress: bool = True) -> dict:
+             workers: int | None = None, *, photochat_sizes: tuple[int, int, int] | None = None,
+             mmdialog_sizes: tuple[int, int, int] | None = None, caption_images: int = 0,
+             overwrite: bool = False, progress: bool = True) -> dict:
     """Write a synthetic PhotoChat + MMDialog corpus under ``out``; returns the meta also written to
-    ``out/synth_meta.json``. ``out`` must not exist or be empty unless ``overwrite``."""
-    cfg = SynthConfig(dialogs=dialogs, seed=seed, image_size=image_size, workers=workers)
+    ``out/synth_meta.json``. ``out`` must not exist or be empty unless ``overwrite``.
+
+    Split sizes default to ``photochat_split_sizes(dialogs)`` and ``mmdialog_split_sizes(dialogs / 5)``;
+    ``photochat_sizes`` (train, dev, test dialogs) and ``mmdialog_sizes`` (train, valid, test
+    conversations) set them explicitly (``dialogs`` then becomes the PhotoChat total).
+    ``caption_images`` adds images that only have captions (pretraining data for the small CLIP)."""
+    if photochat_sizes is not None:
+        dialogs = sum(photochat_sizes)
+    cfg = SynthConfig(dialogs=dialogs, seed=seed, image_size=image_size, workers=workers,
+                      photochat_sizes=photochat_sizes, mmdialog_sizes=mmdialog_sizes, caption_images=caption_images)
     out = Path(out).absolute()
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} exists and is not an empty directory (pass overwrite=True to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with staging_dir(out, tag="tmp") as tmp:  # an existing ``out`` is swapped aside only when done
         meta = _build(cfg, tmp, progress)
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return meta

@@ -1,0 +1,355 @@
+"""The synthetic benchmark's reusable parts; ``bench/synthetic_benchmark.py`` is the entry point.
+
+Stages (each cached on disk by ``pipelines.experiments``, so a rerun resumes):
+
+1. corpus at the real protocols' sizes (``BENCH_CORPUS``): PhotoChat-style 4,000 / 500 / 1,000
+   dialogs (test: 1,000 queries against the 1,000 test photos), MMDialog-style 2,800 / 360 / 720
+   conversations (test: 1,008 image and 8,238 text targets, each against its own 999 negatives;
+   validation 516 / 4,160), plus 30,000 caption-only images for the backbone;
+2. the small CLIP pretrained here (``BACKBONE``: dialclip-small, one epoch over 118k captions;
+   held-out caption-to-image R@1 measured among exactly 1,000 held-out photos);
+3. per-variant learning rate: the same grid for every trained variant, each point a short proxy
+   run, the best validation Sum wins (``select_lr``);
+4. training per variant and seed, keeping the best-validation-Sum epoch (``train_variant``);
+5. per-query ranks of every test query (``rank_queries``): the same queries in the same order for
+   every variant, so differences can be paired;
+6. statistics (``dialclip_ray.evaluation.stats``) and the results files (``write_results``).
+
+``write_results`` takes per-variant, per-seed rank arrays and writes
+``<out>.json`` (backbone, protocol, one row per variant x dataset x retrieval type x seed,
+seed-and-query bootstrap summaries, paired comparisons), ``<out>.md`` and ``<out>.png``
+(bars with 95% CI whiskers). Paths in the JSON are relative to the repository.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dialclip_ray.evaluation import stats
+
+REPO = Path(__file__).resolve().parents[2]
+
+# Stage 1: data at the real protocols' size (design 3.2 / 3.3); see the module docstring for the counts.
+BENCH_CORPUS = dict(dialogs=5500, photochat_sizes=(4000, 500, 1000), mmdialog_sizes=(2800, 360, 720),
+                    caption_images=30_000)
+QUICK_CORPUS = dict(dialogs=220, photochat_sizes=(120, 40, 60), mmdialog_sizes=(30, 10, 12), caption_images=0)
+# Stage 2: the backbone. dialclip-small (ViT 64 px / patch 8, width 128, 4 + 4 layers, 7.8 M parameters);
+# one epoch over the 118,122 training captions at batch 128 (922 steps).
+BACKBONE = dict(model_name="dialclip-small", epochs=1, lr=2e-3, batch_size=128, warmup_steps=50,
+                eval_max_images=1000)
+QUICK_BACKBONE = dict(model_name="dialclip-micro", epochs=1, lr=2e-3, batch_size=32, warmup_steps=5,
+                      eval_max_images=1000)
+# Stage 3: one grid for every trained variant (finetune: its backbone_lr keeps the default 1:20 ratio).
+LR_GRID = (5e-4, 2e-3, 5e-3)
+
+# The comparisons the benchmark answers (a, b): "does a beat b on the same queries?"
+COMPARISONS = (("dialclip", "zeroshot"), ("dialclip", "finetune"), ("gated", "zeroshot"), ("gated", "dialclip"),
+               ("gated", "finetune"), ("finetune", "zeroshot"), ("paper-budget", "zeroshot"),
+               ("dialclip", "no-context"), ("dialclip", "no-domain"), ("dialclip", "single-expert"))
+COMPARISON_METRICS = ("Sum", "R@1")
+DATASETS = ("photochat", "mmdialog")
+
+
+def rel(path: str | os.PathLike | None) -> str | None:
+    """``path`` relative to the repository (results files must not hold machine-specific paths)."""
+    if path is None:
+        return None
+    p = Path(path).resolve()
+    try:
+        return str(p.relative_to(REPO))
+    except ValueError:
+        return os.path.relpath(p, REPO)
+
+
+class Progress:
+    """One line per stage: ``[k/n] what (previous stage took s)``; keeps the seconds of each stage."""
+
+    def __init__(self, total: int):
+        self.total, self.k, self.t0 = total, 0, time.time()
+        self.seconds: dict[str, float] = {}
+        self._name: str | None = None
+        self._start = self.t0
+
+    def __call__(self, name: str) -> None:
+        self.close()
+        self.k += 1
+        self._name, self._start = name, time.time()
+        print(f"[{self.k}/{self.total}] {name}  (elapsed {time.time() - self.t0:.0f}s)", flush=True)
+
+    def close(self) -> None:
+        if self._name is not None:
+            self.seconds[self._name] = round(time.time() - self._start, 1)
+            self._name = None
+
+
+# ----------------------------------------------------------------------------------------------- ranks
+
+
+@dataclass
+class QueryRanks:
+    """Ranks of one model's test queries of one dataset and retrieval type (query order fixed by the data)."""
+
+    ranks: np.ndarray  # [Q] 1-based
+    query_ids: list[str]
+    candidates: int  # candidates per query (shared pool size, or the per-example list length)
+
+    @property
+    def queries_digest(self) -> str:
+        return hashlib.sha256("\n".join(self.query_ids).encode()).hexdigest()[:16]
+
+
+def rank_queries(model, backbone, dataset_dir: str | os.PathLike, split: str = "test", batch_size: int = 64,
+                 device: str = "cpu", features: str = "auto") -> dict[str, QueryRanks]:
+    """Per retrieval type (``dialog_to_image`` / ``dialog_to_text``): the rank of every query of ``split``.
+
+    The same computation as ``evaluation.local.evaluate_model`` (its helpers, its protocols), keeping
+    the per-query ranks that its summary throws away. ``features``: the frozen feature store mode
+    (``auto`` builds it when missing; ``off`` runs the frozen towers).
+    """
+    from dialclip_ray.data.dataset import CanonicalDataset, ReaderConfig, image_loader
+    from dialclip_ray.evaluation.local import (candidate_pool, embed_images, embed_queries, embed_texts,
+                                               ranks_for)
+    from dialclip_ray.model.batch import RETRIEVAL_TYPES, TARGET_TYPES
+
+    dataset = CanonicalDataset.load(dataset_dir)
+    store = None
+    if features != "off":
+        from dialclip_ray.features.store import ensure_store, open_for_model
+
+        ensure_store(dataset_dir, model.cfg, features)
+        store = open_for_model(dataset_dir, model, features)
+    reader = ReaderConfig.from_model_config(model.cfg)
+    load = image_loader(dataset, backbone.preprocess_val)
+    model.eval()
+    out: dict[str, QueryRanks] = {}
+    for target_type, name in zip(TARGET_TYPES, RETRIEVAL_TYPES):
+        records = dataset.examples(split, target_type)
+        if not records:
+            continue
+        queries = embed_queries(model, records, backbone.tokenizer, load, reader, batch_size, device, store)
+        pool_ids = candidate_pool(dataset, records, split, target_type)
+        pool = (embed_images(model, pool_ids, load, batch_size, device) if target_type == "image" else
+                embed_texts(model, [dataset.text(t) for t in pool_ids], backbone.tokenizer,
+                            reader.context_length, batch_size, device))
+        ranks = ranks_for(queries, records, pool_ids, pool)
+        per_example = bool(records) and all(r.candidates for r in records)
+        n_cand = max(len(r.candidates) for r in records) if per_example else len(pool_ids)
+        out[name] = QueryRanks(np.asarray(ranks, dtype=np.int64), [r.id for r in records], n_cand)
+    return out
+
+
+# ---------------------------------------------------------------------------------------- training stages
+
+
+def select_lr(variant: str, make_config: Callable[..., Any], grid: Sequence[float] = LR_GRID,
+              log: Callable[[str], None] = print) -> dict:
+    """Proxy runs of ``variant`` at each learning rate of ``grid``; the best validation Sum wins.
+
+    ``make_config(variant, lr=..., proxy=True)`` builds the proxy TrainConfig (the caller fixes its
+    budget: epochs, example caps). Returns ``{"lr": best, "grid": {lr: val_sum}}``.
+    """
+    from dialclip_ray.train.run import run_training
+
+    scores = {}
+    for lr in grid:
+        outcome = run_training(make_config(variant, lr=lr, proxy=True))
+        scores[lr] = float(outcome.best_metrics.get("val_sum", float("-inf")))
+        log(f"    {variant} lr={lr:g}: val Sum {scores[lr]:.2f} ({outcome.wall_seconds:.0f}s)")
+    best = max(grid, key=lambda lr: (scores[lr], -abs(np.log(lr / grid[len(grid) // 2]))))
+    return {"lr": best, "grid": {f"{lr:g}": round(v, 3) for lr, v in scores.items()}}
+
+
+def check_variant(variant: str) -> None:
+    """A clear error when a variant's model preset does not exist (yet) in ``model.config.PRESETS``."""
+    from dialclip_ray.model.config import PRESETS
+    from dialclip_ray.pipelines.experiments import VARIANTS
+
+    preset = "default" if variant == "dialclip" else variant
+    if variant not in VARIANTS or preset not in PRESETS:
+        raise SystemExit(f"variant {variant!r} needs the model preset {preset!r}, which "
+                         f"dialclip_ray/model/config.py PRESETS does not define (known: {', '.join(PRESETS)}); "
+                         f"drop it with --variants or add the preset")
+
+
+# ----------------------------------------------------------------------------------------------- results
+
+
+@dataclass
+class BenchmarkRuns:
+    """Ranks collected per (variant, dataset, retrieval type) and seed, plus per-run facts."""
+
+    ranks: dict[tuple[str, str, str], dict[int, QueryRanks]] = field(default_factory=dict)
+    runs: dict[str, dict[int, dict]] = field(default_factory=dict)  # variant -> seed -> facts (train s, ...)
+
+    def add(self, variant: str, seed: int, dataset: str, per_type: Mapping[str, QueryRanks],
+            facts: dict | None = None) -> None:
+        for rtype, qr in per_type.items():
+            self.ranks.setdefault((variant, dataset, rtype), {})[seed] = qr
+        if facts is not None:
+            self.runs.setdefault(variant, {})[seed] = facts
+
+    def matrix(self, key: tuple[str, str, str]) -> tuple[np.ndarray, list[int], QueryRanks]:
+        """``[S, Q]`` ranks over the seeds of ``key`` (seed order), the seeds, and one QueryRanks for metadata."""
+        by_seed = self.ranks[key]
+        seeds = sorted(by_seed)
+        first = by_seed[seeds[0]]
+        for s in seeds[1:]:
+            if by_seed[s].queries_digest != first.queries_digest:
+                raise ValueError(f"{key}: seed {s} ranked other queries than seed {seeds[0]}")
+        return np.stack([by_seed[s].ranks for s in seeds]), seeds, first
+
+
+def _row_metrics(ranks: np.ndarray) -> dict[str, float]:
+    per = stats.per_query_metrics(ranks)
+    return {m: round(float(v.mean()), 3) for m, v in per.items()}
+
+
+def build_report(runs: BenchmarkRuns, backbone: dict, protocol: dict, comparisons: Sequence[tuple[str, str]] =
+                 COMPARISONS, metrics: Sequence[str] = COMPARISON_METRICS, n_boot: int = stats.N_BOOT,
+                 seed: int = 0) -> dict:
+    """The JSON report: backbone, protocol, per-seed rows, bootstrap summaries, paired comparisons."""
+    results, summary = [], []
+    for (variant, dataset, rtype), by_seed in sorted(runs.ranks.items()):
+        for s in sorted(by_seed):
+            qr = by_seed[s]
+            results.append({"variant": variant, "dataset": dataset, "retrieval_type": rtype, "seed": s,
+                             "queries": int(len(qr.ranks)), "candidates": qr.candidates, **_row_metrics(qr.ranks)})
+        mat, seeds, first = runs.matrix((variant, dataset, rtype))
+        est = stats.metric_estimates(mat, n_boot=n_boot, seed=seed)
+        summary.append({"variant": variant, "dataset": dataset, "retrieval_type": rtype, "seeds": seeds,
+                        "queries": int(mat.shape[1]), "candidates": first.candidates,
+                        **{m: {"mean": round(e.mean, 3), "ci95": [round(x, 3) for x in e.ci95]}
+                           for m, e in est.items()}})
+    comps = []
+    for a, b in comparisons:
+        for dataset in DATASETS:
+            for rtype in sorted({k[2] for k in runs.ranks}):
+                ka, kb = (a, dataset, rtype), (b, dataset, rtype)
+                if ka not in runs.ranks or kb not in runs.ranks:
+                    continue
+                ma, _, qa = runs.matrix(ka)
+                mb, _, qb = runs.matrix(kb)
+                if qa.queries_digest != qb.queries_digest:
+                    raise ValueError(f"{a} and {b} ranked different {dataset} {rtype} queries")
+                for metric, d in stats.paired_differences(ma, mb, metrics, n_boot=n_boot, seed=seed).items():
+                    comps.append({"a": a, "b": b, "dataset": dataset, "retrieval_type": rtype, "metric": metric,
+                                  "diff": round(d.diff, 3), "ci95": [round(x, 3) for x in d.ci95],
+                                  "p_boot": round(d.p_boot, 5), "queries": d.n_queries, "seeds": list(d.seeds),
+                                  "verdict": verdict(d)})
+    return {"backbone": backbone, "protocol": protocol, "results": results, "summary": summary,
+            "comparisons": comps, "variants": {v: {str(s): f for s, f in by.items()} for v, by in runs.runs.items()}}
+
+
+def verdict(d: stats.PairedDiff) -> str:
+    if d.ci95[0] > 0:
+        return "a better"
+    if d.ci95[1] < 0:
+        return "b better"
+    return "no decisive difference"
+
+
+def _task(row: Mapping) -> str:
+    return f"{row['dataset']}/{row['retrieval_type']}"
+
+
+def markdown(report: dict) -> str:
+    summ = report["summary"]
+    tasks = sorted({_task(r) for r in summ})
+    variants = list(dict.fromkeys(r["variant"] for r in summ))
+    by = {(r["variant"], _task(r)): r for r in summ}
+    bb = report["backbone"]
+    lines = ["# Synthetic benchmark", "",
+             f"Backbone: `{bb.get('model_name')}` pretrained here, held-out caption-to-image R@1 "
+             f"**{bb.get('heldout_caption_to_image_R@1', float('nan')):.1f}%** among {bb.get('heldout_pool')} "
+             f"held-out photos.", "",
+             "Test-set means over seeds, 95% bootstrap CI over seeds and queries in brackets "
+             "(`dialclip_ray.evaluation.stats`).", "",
+             "| variant | seeds | " + " | ".join(f"{t} R@1 | {t} Sum" for t in tasks) + " |",
+             "|---|---|" + "---:|---:|" * len(tasks)]
+    for v in variants:
+        cells, seeds = [], "-"
+        for t in tasks:
+            r = by.get((v, t))
+            if r is None:
+                cells += ["-", "-"]
+                continue
+            seeds = str(len(r["seeds"]))
+            cells += [f"{r['R@1']['mean']:.1f} [{r['R@1']['ci95'][0]:.1f}, {r['R@1']['ci95'][1]:.1f}]",
+                      f"{r['Sum']['mean']:.1f} [{r['Sum']['ci95'][0]:.1f}, {r['Sum']['ci95'][1]:.1f}]"]
+        lines.append(f"| {v} | {seeds} | " + " | ".join(cells) + " |")
+    counts = {t: next((f"{r['queries']} queries x {r['candidates']} candidates" for r in summ if _task(r) == t), "")
+              for t in tasks}
+    lines += ["", "Queries: " + "; ".join(f"{t}: {c}" for t, c in counts.items()) + ".", "",
+              "## Paired comparisons (a - b on the same queries; 95% paired-bootstrap CI)", "",
+              "| a | b | task | metric | diff | 95% CI | p | verdict |", "|---|---|---|---|---:|---|---:|---|"]
+    for c in report["comparisons"]:
+        lines.append(f"| {c['a']} | {c['b']} | {_task(c)} | {c['metric']} | {c['diff']:+.2f} | "
+                     f"[{c['ci95'][0]:+.2f}, {c['ci95'][1]:+.2f}] | {c['p_boot']:.4f} | {c['verdict']} |")
+    proto = report["protocol"]
+    if proto.get("command"):
+        lines += ["", f"Command: `{proto['command']}`"]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    """One panel per task: Sum (mean over seeds) per variant with 95% CI whiskers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summ = report["summary"]
+    tasks = sorted({_task(r) for r in summ})
+    variants = list(dict.fromkeys(r["variant"] for r in summ))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 4.2), squeeze=False)
+    colours = plt.get_cmap("tab10")
+    for ax, task in zip(axes[0], tasks):
+        rows = {r["variant"]: r for r in summ if _task(r) == task}
+        names = [v for v in variants if v in rows]
+        means = np.array([rows[v]["Sum"]["mean"] for v in names])
+        lo = means - np.array([rows[v]["Sum"]["ci95"][0] for v in names])
+        hi = np.array([rows[v]["Sum"]["ci95"][1] for v in names]) - means
+        ax.bar(range(len(names)), means, yerr=[lo, hi], capsize=3,
+               color=[colours(variants.index(v) % 10) for v in names])
+        ax.set_xticks(range(len(names)), names, rotation=40, ha="right", fontsize=8)
+        first = next(iter(rows.values()))
+        ax.set_title(f"{task}\n{first['queries']} queries x {first['candidates']} candidates", fontsize=9)
+        ax.set_ylabel("Sum = R@1 + R@5 + R@10 (test, %)")
+    fig.suptitle("Synthetic benchmark: mean over seeds, 95% bootstrap CI (seeds x queries)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_results(out: str | os.PathLike, runs: BenchmarkRuns, backbone: dict, protocol: dict,
+                  comparisons: Sequence[tuple[str, str]] = COMPARISONS, n_boot: int = stats.N_BOOT) -> dict:
+    """Write ``<out>.json``, ``<out>.md`` and ``<out>.png``; returns the report."""
+    from dialclip_ray.fsio import atomic_write_text
+
+    report = build_report(runs, backbone, protocol, comparisons, n_boot=n_boot)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out.with_suffix(".json"), json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out.with_suffix(".md"), markdown(report))
+    plot(report, out.with_suffix(".png"))
+    return report
+
+
+def backbone_facts(clip_result) -> dict:
+    """The ``backbone`` block of the report from a ``run_pretrain`` result."""
+    meta = clip_result.meta
+    metrics = meta.get("metrics", {})
+    return {"model_name": meta.get("config", {}).get("model_name"),
+            "heldout_caption_to_image_R@1": metrics.get("caption_to_image_R@1"),
+            "heldout_pool": metrics.get("pool_size"), "metrics": metrics, "pretrain_seconds": meta.get("train_s"),
+            "steps": meta.get("steps"), "config": meta.get("config"), "checkpoint": rel(clip_result.path),
+            "cached": clip_result.cached}

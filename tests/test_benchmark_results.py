@@ -1,0 +1,78 @@
+"""The benchmark results writer (dialclip_ray.pipelines.benchmark): JSON layout, Markdown, plot."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from dialclip_ray.pipelines import benchmark as B
+
+
+def _runs(rng: np.random.Generator) -> B.BenchmarkRuns:
+    runs = B.BenchmarkRuns()
+    q = {("photochat", "dialog_to_image"): (400, 1000), ("mmdialog", "dialog_to_image"): (300, 1000),
+         ("mmdialog", "dialog_to_text"): (500, 1000)}
+    base = {k: rng.integers(1, 60, size=n) for k, (n, _) in q.items()}
+    for variant, seeds, better in (("zeroshot", 1, 0), ("dialclip", 3, 1), ("finetune", 2, 0)):
+        for seed in range(seeds):
+            for dataset in ("photochat", "mmdialog"):
+                per = {}
+                for (d, rtype), (n, cands) in q.items():
+                    if d != dataset:
+                        continue
+                    ranks = base[(d, rtype)].copy()
+                    if better:  # dialclip: every query at least as good, many at rank 1
+                        ranks[: n // 3] = 1
+                    per[rtype] = B.QueryRanks(ranks, [f"{d}/{i}" for i in range(n)], cands)
+                runs.add(variant, seed, dataset, per, {"lr": 0.002, "train_seconds": 1.0})
+    return runs
+
+
+def test_write_results_json_markdown_and_plot(tmp_path):
+    runs = _runs(np.random.default_rng(0))
+    backbone = {"model_name": "dialclip-small", "heldout_caption_to_image_R@1": 41.5, "heldout_pool": 1000,
+                "checkpoint": B.rel(B.REPO / "runs" / "x.pt")}
+    report = B.write_results(tmp_path / "bench", runs, backbone, {"command": "python bench/x.py", "seeds": {}},
+                             n_boot=500)
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert data == json.loads(json.dumps(report))
+    assert data["backbone"]["heldout_caption_to_image_R@1"] == 41.5 and data["backbone"]["heldout_pool"] == 1000
+    assert data["backbone"]["checkpoint"] == "runs/x.pt"
+    assert data["protocol"]["command"] == "python bench/x.py"
+    rows = data["results"]
+    assert len(rows) == 3 * (1 + 3 + 2)  # tasks x (seeds of each variant)
+    for r in rows:
+        assert set(r) >= {"variant", "dataset", "retrieval_type", "seed", "queries", "candidates", "R@1", "R@5",
+                          "R@10", "Sum"}
+        assert r["candidates"] == 1000 and r["Sum"] == pytest.approx(r["R@1"] + r["R@5"] + r["R@10"], abs=0.01)
+    comps = [c for c in data["comparisons"] if c["a"] == "dialclip" and c["b"] == "zeroshot"]
+    assert len(comps) == 3 * 2  # tasks x (Sum, R@1)
+    for c in comps:
+        assert len(c["ci95"]) == 2 and c["ci95"][0] > 0 and c["diff"] > 0 and c["verdict"] == "a better"
+    assert not [c for c in data["comparisons"] if "gated" in (c["a"], c["b"])]  # absent variants are skipped
+    same = [c for c in data["comparisons"] if c["a"] == "finetune" and c["b"] == "zeroshot"]
+    assert same and all(c["diff"] == 0 and c["ci95"] == [0, 0] for c in same)
+    summ = {(s["variant"], s["dataset"], s["retrieval_type"]): s for s in data["summary"]}
+    assert summ[("dialclip", "mmdialog", "dialog_to_text")]["seeds"] == [0, 1, 2]
+    assert (tmp_path / "bench.png").stat().st_size > 1000
+    md = (tmp_path / "bench.md").read_text()
+    assert "| dialclip | 3 |" in md and "a better" in md and "41.5%" in md
+
+
+def test_seeds_that_ranked_different_queries_are_refused():
+    runs = B.BenchmarkRuns()
+    runs.add("dialclip", 0, "photochat", {"dialog_to_image": B.QueryRanks(np.array([1, 2]), ["a", "b"], 2)})
+    runs.add("dialclip", 1, "photochat", {"dialog_to_image": B.QueryRanks(np.array([1, 2]), ["a", "c"], 2)})
+    with pytest.raises(ValueError, match="other queries"):
+        runs.matrix(("dialclip", "photochat", "dialog_to_image"))
+
+
+def test_a_missing_preset_is_a_clear_error(monkeypatch):
+    from dialclip_ray.model import config
+
+    monkeypatch.setattr(config, "PRESETS", {k: v for k, v in config.PRESETS.items() if k != "gated"})
+    with pytest.raises(SystemExit, match="'gated'.*PRESETS"):
+        B.check_variant("gated")
+    B.check_variant("dialclip")
