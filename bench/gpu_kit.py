@@ -488,14 +488,24 @@ def repo_travel_bytes(repo: Path = REPO) -> tuple[int, int]:
 
 def build_project_wheel(dest: Path) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-                        "-w", tmp, str(REPO)], check=True, cwd=tmp)
+        cmd = [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", tmp, str(REPO)]
+        try:  # this environment's setuptools first (no download); an isolated build if it is too old
+            subprocess.run(cmd + ["--no-build-isolation"], check=True, cwd=tmp, capture_output=True)
+        except subprocess.CalledProcessError:
+            subprocess.run(cmd, check=True, cwd=tmp)
         built = list(Path(tmp).glob("dialclip_ray-*.whl"))
         if len(built) != 1:
             raise RuntimeError(f"pip wheel built {built}")
         target = dest / built[0].name
         shutil.copy2(built[0], target)
         return target
+
+
+def _installed_bytes(name: str) -> int:
+    try:
+        return sum(f.size or 0 for f in md.distribution(name).files or [])
+    except md.PackageNotFoundError:
+        return 0
 
 
 def build_kit(out: Path, cache: Path, python_version: str = "3.12", host: str = "image",
@@ -507,10 +517,13 @@ def build_kit(out: Path, cache: Path, python_version: str = "3.12", host: str = 
     p = plan(python_version, host, include or [], exclude or [], ray_version)
     # Constrained host packages of unknown version: carry the small ones (cheap insurance), trust the big ones.
     maybe = [h for h in p.host if h.get("_maybe_carry")]
+    # Only small candidates are downloaded to measure their wheel: what is large installed here (torch,
+    # pyarrow ...) is large as a wheel too.
+    small = [h for h in maybe if _installed_bytes(h["name"]) < 4 * TRUST_UNKNOWN_ABOVE]
     if maybe:
-        pip_download([f"{h['name']}=={h['_maybe_carry']}" for h in maybe], cache, python_version, platforms)
+        pip_download([f"{h['name']}=={h['_maybe_carry']}" for h in small], cache, python_version, platforms)
         for h in maybe:
-            w = find_wheel(cache, h["name"], h["_maybe_carry"])
+            w = find_wheel(cache, h["name"], h["_maybe_carry"]) if h in small else None
             if w is not None and w.stat().st_size < TRUST_UNKNOWN_ABOVE:
                 p.carry.append(Item(h["name"], h.pop("_maybe_carry"),
                                     f"host version unknown, needs {h['specifiers']} ({h['required_by']}); small"))

@@ -633,7 +633,9 @@ def _latency(ms: list[float]) -> dict:
     ms = sorted(ms)
     if not ms:
         return {}
-    pick = lambda q: ms[min(len(ms) - 1, max(0, math.ceil(q * len(ms)) - 1))]  # noqa: E731 - nearest rank
+    def pick(q: float) -> float:  # nearest rank
+        return ms[min(len(ms) - 1, max(0, math.ceil(q * len(ms)) - 1))]
+
     return {"n": len(ms), "p50_ms": round(pick(0.50), 2), "p90_ms": round(pick(0.90), 2),
             "p99_ms": round(pick(0.99), 2), "mean_ms": round(statistics.fmean(ms), 2), "max_ms": round(ms[-1], 2)}
 

@@ -61,8 +61,10 @@ def ensure_ray(num_cpus: float = 1, num_gpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address="auto", logging_config=quiet)
     else:
+        # address="local": a new cluster even where `ray start` left one behind (ray.init() would join it).
         # The dashboard hosts the State API that Ray Train V2 uses to clean up placement groups.
-        ray.init(num_cpus=local_cpus(num_cpus), num_gpus=num_gpus, include_dashboard=True, logging_config=quiet)
+        ray.init(address="local", num_cpus=local_cpus(num_cpus), num_gpus=num_gpus, include_dashboard=True,
+                 logging_config=quiet)
 
 
 def build_trainer(loop_fn: Callable[[dict], None], loop_config: dict[str, Any], *, name: str, storage_path: str,

@@ -16,7 +16,8 @@ pytestmark = pytest.mark.slow
 
 
 def processes_mentioning(text: str) -> list[str]:
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    # -ww: full command lines (pytest sets COLUMNS, and ps cuts its output to that width)
+    out = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True).stdout
     return [line for line in out.splitlines()[1:] if text in line and "pytest" not in line]
 
 

@@ -2,8 +2,9 @@
 
 The head gets its own temp dir (RAY_TMPDIR and --temp-dir, short: it holds Unix sockets) and free
 ports for everything it listens on, so it neither finds nor disturbs the session's test cluster or
-any other Ray on the machine; it is stopped by killing the processes of that temp dir (by pid; never
-`ray stop`, which stops every Ray on the machine). An evaluate job (no Ray Train: two local clusters
+any other Ray on the machine; it is stopped by killing the processes of that temp dir (found by
+command line or working directory, killed by pid; never `ray stop`, which stops every Ray on the
+machine). An evaluate job (no Ray Train: two local clusters
 side by side can confuse Train V2's placement-group cleaner, see jobs/_entry.py) runs with absolute
 paths; the path checks that refuse what a job cannot see are tested without a cluster.
 """
@@ -39,24 +40,36 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
-def pids_mentioning(text: str) -> list[int]:
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return [int(line.split(None, 1)[0]) for line in out.splitlines()[1:]
-            if text in line and "pytest" not in line and int(line.split(None, 1)[0]) != os.getpid()]
+def cluster_pids(root: str) -> list[int]:
+    """Processes of the cluster under ``root``: its temp dir in their command line, or their working
+    directory under it (`ray start` runs there; Ray's agents and workers inherit it, and renamed
+    workers such as ``ray::IDLE`` show no path in their command line)."""
+    import psutil
+
+    ours = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline", "cwd"]):
+        info = proc.info
+        if info["pid"] in ours:
+            continue
+        cwd, cmdline = info.get("cwd") or "", " ".join(info.get("cmdline") or [])
+        if cwd == root or cwd.startswith(root + os.sep) or root in cmdline:
+            found.append(info["pid"])
+    return found
 
 
-def stop_cluster(temp_dir: str) -> list[int]:
-    """SIGTERM, then SIGKILL, the processes of the cluster whose temp dir is ``temp_dir``; the survivors."""
+def stop_cluster(root: str) -> list[int]:
+    """SIGTERM, then SIGKILL, the processes of the cluster under ``root``; returns the survivors."""
     for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
-        for pid in pids_mentioning(temp_dir):
+        for pid in cluster_pids(root):
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
         deadline = time.time() + wait
-        while pids_mentioning(temp_dir) and time.time() < deadline:
+        while cluster_pids(root) and time.time() < deadline:
             time.sleep(0.5)
-    return pids_mentioning(temp_dir)
+    return cluster_pids(root)
 
 
 @pytest.mark.slow
@@ -76,7 +89,7 @@ def test_evaluate_job_on_a_local_head(tmp_path, tiny_corpus):
              "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-agent-listen-port={agent}",
              f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={env_agent}",
              f"--metrics-export-port={metrics}", f"--ray-client-server-port={client}", f"--temp-dir={ray_tmp}",
-             "--disable-usage-stats"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+             "--disable-usage-stats"], cwd=ray_tmp, env=env, capture_output=True, text=True, timeout=180)
         if start.returncode != 0:
             pytest.skip(f"`ray start --head` failed here: {(start.stdout + start.stderr)[-1500:]}")
         ckpt = make_checkpoint(tmp_path / "ckpt", 0)

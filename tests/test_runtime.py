@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import io
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -143,6 +144,27 @@ def test_local_cluster_sizing_rule(monkeypatch):
     monkeypatch.setenv(CPUS_ENV, "0")
     with pytest.raises(ValueError, match=CPUS_ENV):
         local_cpus(1)
+
+
+ENSURE_RAY_SCRIPT = """
+import os, ray
+from dialclip_ray.runtime import ensure_ray
+ensure_ray(num_cpus=2)
+first = ray.cluster_resources().get("CPU")
+ensure_ray(num_cpus=9)  # already connected: left alone
+print(first, ray.cluster_resources().get("CPU"), os.environ.get("RAY_USAGE_STATS_ENABLED"))
+ray.shutdown()
+"""
+
+
+def test_ensure_ray_starts_a_local_cluster_by_the_rule(tmp_path):
+    """A real start in a fresh interpreter (this session's own cluster would make ensure_ray a no-op)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_USAGE_STATS_ENABLED")}
+    env[CPUS_ENV] = "3"
+    proc = subprocess.run([sys.executable, "-c", ENSURE_RAY_SCRIPT], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split()[-3:] == ["3.0", "3.0", "0"]
 
 
 def _noop_loop(config: dict) -> None:

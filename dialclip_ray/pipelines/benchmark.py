@@ -45,7 +45,7 @@ QUICK_CORPUS = dict(dialogs=220, photochat_sizes=(120, 40, 60), mmdialog_sizes=(
 # Stage 2: the backbone. dialclip-small (ViT 64 px / patch 8, width 128, 4 + 4 layers, 7.8 M parameters);
 # one epoch over the 118,122 training captions at batch 128 (922 steps).
 BACKBONE = dict(model_name="dialclip-small", epochs=1, lr=2e-3, batch_size=128, warmup_steps=50,
-                eval_max_images=1000)
+                eval_max_images=1000, cache_images=False)  # one pass: caching 38k images buys nothing, costs GBs
 QUICK_BACKBONE = dict(model_name="dialclip-micro", epochs=1, lr=2e-3, batch_size=32, warmup_steps=5,
                       eval_max_images=1000)
 # Stage 3: one grid for every trained variant (finetune: its backbone_lr keeps the default 1:20 ratio).

@@ -70,21 +70,87 @@ class Stage:
         return self.times
 
 
-def run_demo(cfg: DemoConfig) -> dict:
-    """Run every stage; returns a summary (also written as ``report.json`` next to ``report.md``)."""
+def _train_variants(cfg: DemoConfig, stage: "Stage", corpus, backbone, runs: Path, clip) -> tuple[dict, dict, dict]:
+    """Stages 3-4: DialCLIP and full fine-tuning with Ray Train; zero-shot CLIP saved as a checkpoint."""
+    from dialclip_ray.model.checkpoint import save_checkpoint
+    from dialclip_ray.model.dialclip import build_model
+    from dialclip_ray.pipelines.experiments import variant_config
+    from dialclip_ray.train.run import run_training
+
+    checkpoints, histories, run_dirs = {}, {}, {}
+    for variant in ("dialclip", "finetune"):
+        stage(f"{'DialCLIP prompt tuning' if variant == 'dialclip' else 'full fine-tuning baseline'} "
+              f"(Ray Train, {cfg.workers} workers)")
+        tcfg = variant_config(variant, corpus, backbone, runs, cfg.epochs, cfg.workers, cfg.seed,
+                              max_train_examples=cfg.max_train_examples, max_val_examples=cfg.max_val_examples)
+        outcome = run_training(tcfg)
+        checkpoints[variant], histories[variant] = str(outcome.best), outcome.history
+        run_dirs[variant] = outcome.run_dir
+        print(f"    {'trained' if outcome.trained else 'reused'} {outcome.run_dir}")
+    zs_dir = runs / "zeroshot" / f"{Path(clip.path).parent.name}-{cfg.model_name}"
+    if not (zs_dir / "dialclip.pt").is_file():
+        model, _ = build_model(variant_config("zeroshot", corpus, backbone, runs, 0).model)
+        save_checkpoint(model, zs_dir)
+    checkpoints = {"DialCLIP": checkpoints["dialclip"], "zero-shot CLIP": str(zs_dir),
+                   "full fine-tune": checkpoints["finetune"]}
+    return checkpoints, histories, run_dirs
+
+
+def _evaluate_index_serve(cfg: DemoConfig, stage: "Stage", corpus, checkpoints: dict, out: Path
+                          ) -> tuple[dict, str, list]:
+    """Stages 5-7: Ray Data evaluation, the sharded index, the Serve app and real HTTP queries."""
+    from ray import serve
+
+    from dialclip_ray.index.build import build_index
+    from dialclip_ray.pipelines.demo_report import ask_queries
+    from dialclip_ray.pipelines.evaluate import evaluate_checkpoints
+    from dialclip_ray.serving.app import build_app
+
+    stage("evaluation on the test splits (Ray Data actor pool)")
+    evaluation = {}
+    for name, data in (("photochat", corpus.photochat), ("mmdialog", corpus.mmdialog)):
+        evaluation[name] = evaluate_checkpoints(checkpoints, str(data), "test", str(out / f"eval_{name}"),
+                                                distributed=True, actors=cfg.actors)
+        print(evaluation[name]["table"])
+
+    stage(f"sharded FAISS index of every candidate ({cfg.shards} shards)")
+    index_dir = out / "index"
+    build_index(checkpoints["DialCLIP"], [corpus.photochat, corpus.mmdialog], index_dir, shards=cfg.shards,
+                kind="flat", actors=cfg.actors)
+
+    stage(f"Ray Serve app on http://127.0.0.1:{cfg.port} and real HTTP queries")
+    app = build_app({"checkpoint": checkpoints["DialCLIP"], "index_dir": str(index_dir), "top_k": 5})
+    serve.start(http_options={"host": "127.0.0.1", "port": cfg.port})
+    serve.run(app, name="dialclip-demo", route_prefix="/")
+    url = f"http://127.0.0.1:{cfg.port}"
+    return evaluation, url, ask_queries(url, corpus, cfg.queries)
+
+
+def _shutdown(owns_ray: bool) -> None:
+    """Leave Ray as we found it: shut down what the demo started, else remove only its app."""
     import ray
     from ray import serve
 
-    from dialclip_ray.model.checkpoint import save_checkpoint
+    if not ray.is_initialized():
+        return
+    try:
+        if owns_ray:
+            serve.shutdown()
+        else:
+            serve.delete("dialclip-demo")
+    finally:
+        if owns_ray:
+            ray.shutdown()
+
+
+def run_demo(cfg: DemoConfig) -> dict:
+    """Run every stage; returns a summary (also written as ``report.json`` next to ``report.md``)."""
+    import ray
+
     from dialclip_ray.model.config import BackboneConfig
-    from dialclip_ray.pipelines.evaluate import evaluate_checkpoints
-    from dialclip_ray.pipelines.experiments import ensure_corpus, ensure_small_clip, variant_config
-    from dialclip_ray.index.build import build_index
-    from dialclip_ray.model.dialclip import build_model
+    from dialclip_ray.pipelines.demo_report import write_report
+    from dialclip_ray.pipelines.experiments import ensure_corpus, ensure_small_clip
     from dialclip_ray.runtime import ensure_ray
-    from dialclip_ray.serving.app import build_app
-    from dialclip_ray.train.run import run_training
-    from dialclip_ray.pipelines.demo_report import ask_queries, write_report
 
     for noisy in ("ray.data", "ray.serve", "ray.train"):  # stage headers and our own output carry the progress
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -103,43 +169,8 @@ def run_demo(cfg: DemoConfig) -> dict:
         clip = ensure_small_clip(corpus, cache, cfg.model_name, cfg.pretrain_epochs, workers=cfg.workers)
         print(f"    {'reused' if clip.cached else 'trained'} {clip.path}: {clip.meta.get('metrics', {})}")
         backbone = BackboneConfig(model_name=cfg.model_name, pretrained=str(clip.path))
-
-        runs = cache / "demo_runs"
-        checkpoints, histories, run_dirs = {}, {}, {}
-        for variant in ("dialclip", "finetune"):
-            stage(f"{'DialCLIP prompt tuning' if variant == 'dialclip' else 'full fine-tuning baseline'} "
-                  f"(Ray Train, {cfg.workers} workers)")
-            tcfg = variant_config(variant, corpus, backbone, runs, cfg.epochs, cfg.workers, cfg.seed,
-                                  max_train_examples=cfg.max_train_examples, max_val_examples=cfg.max_val_examples)
-            outcome = run_training(tcfg)
-            checkpoints[variant], histories[variant] = str(outcome.best), outcome.history
-            run_dirs[variant] = outcome.run_dir
-            print(f"    {'trained' if outcome.trained else 'reused'} {outcome.run_dir}")
-        zs_dir = runs / "zeroshot" / f"{Path(clip.path).parent.name}-{cfg.model_name}"
-        if not (zs_dir / "dialclip.pt").is_file():
-            model, _ = build_model(variant_config("zeroshot", corpus, backbone, runs, 0).model)
-            save_checkpoint(model, zs_dir)
-        checkpoints = {"DialCLIP": checkpoints["dialclip"], "zero-shot CLIP": str(zs_dir),
-                       "full fine-tune": checkpoints["finetune"]}
-
-        stage("evaluation on the test splits (Ray Data actor pool)")
-        evaluation = {}
-        for name, data in (("photochat", corpus.photochat), ("mmdialog", corpus.mmdialog)):
-            evaluation[name] = evaluate_checkpoints(checkpoints, str(data), "test", str(out / f"eval_{name}"),
-                                                    distributed=True, actors=cfg.actors)
-            print(evaluation[name]["table"])
-
-        stage(f"sharded FAISS index of every candidate ({cfg.shards} shards)")
-        index_dir = out / "index"
-        build_index(checkpoints["DialCLIP"], [corpus.photochat, corpus.mmdialog], index_dir, shards=cfg.shards,
-                    kind="flat", actors=cfg.actors)
-
-        stage(f"Ray Serve app on http://127.0.0.1:{cfg.port} and real HTTP queries")
-        app = build_app({"checkpoint": checkpoints["DialCLIP"], "index_dir": str(index_dir), "top_k": 5})
-        serve.start(http_options={"host": "127.0.0.1", "port": cfg.port})
-        serve.run(app, name="dialclip-demo", route_prefix="/")
-        url = f"http://127.0.0.1:{cfg.port}"
-        answers = ask_queries(url, corpus, cfg.queries)
+        checkpoints, histories, run_dirs = _train_variants(cfg, stage, corpus, backbone, cache / "demo_runs", clip)
+        evaluation, url, answers = _evaluate_index_serve(cfg, stage, corpus, checkpoints, out)
 
         stage("report")
         times = stage.finish()
@@ -161,15 +192,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         return {**summary, "report": str(report), "answers": answers, "out": str(out)}
     finally:
         stage.finish()
-        if ray.is_initialized():
-            try:
-                if owns_ray:
-                    serve.shutdown()
-                else:
-                    serve.delete("dialclip-demo")
-            finally:
-                if owns_ray:
-                    ray.shutdown()
+        _shutdown(owns_ray)
 
 
 def publish_latest(out: Path, run_dir: Path) -> Path | None:

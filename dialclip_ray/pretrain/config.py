@@ -28,6 +28,8 @@ class PretrainConfig(BaseModel):
     use_gpu: bool = False
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
     augment: bool = Field(False, description="open_clip's train transform (random resized crop) instead of val")
+    cache_images: bool = Field(True, description="keep decoded training images in memory (uint8, ~12 KB per 64 px "
+                                                 "image per worker); off: decode each time (speed only)")
     local_loss: bool = Field(True, description="ClipLoss local_loss+gather_with_grad under DDP")
     train_split: str = "train"
     eval_splits: tuple[str, ...] = ("test",)

@@ -75,7 +75,7 @@ def _loader(cfg, root: Path, rank: int, world: int, preprocess, tokenizer):
     if len(rows) < cfg.batch_size:
         raise ValueError(f"{root}: only {len(rows)} captions in split {cfg.train_split!r}, "
                          f"fewer than batch_size={cfg.batch_size}")
-    dataset = CaptionDataset(root, rows, preprocess, tokenizer, cache_images=not cfg.augment)
+    dataset = CaptionDataset(root, rows, preprocess, tokenizer, cache_images=cfg.cache_images and not cfg.augment)
     generator = None
     if world > 1:
         sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed,

@@ -42,7 +42,7 @@ class PretrainResult:
 
 
 # Settings that change speed only, not the weights or the metrics: left out of the key.
-KEY_EXCLUDE = {"eval_batch_size", "threads_per_worker"}
+KEY_EXCLUDE = {"eval_batch_size", "threads_per_worker", "cache_images"}
 
 
 def cache_key(config: PretrainConfig, fingerprint: str) -> str:

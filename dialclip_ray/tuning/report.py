@@ -39,7 +39,7 @@ def trial_table(results, spec: SweepSpec) -> list[dict]:
         history = result.metrics_dataframe
         best = float(history["val_sum"].max()) if history is not None and "val_sum" in history else float("nan")
         rows.append({"trial_id": (result.metrics or {}).get("trial_id", Path(result.path).name),
-                     **{k: result.config.get(k) for k in spec.params},
+                     **{k: (result.config or {}).get(k) for k in spec.params},  # None: failed before reporting
                      "best_val_sum": best, "epochs_run": int(len(history)) if history is not None else 0,
                      "stopped_early": bool(history is not None and len(history) < spec.epochs),
                      "error": bool(result.error)})
