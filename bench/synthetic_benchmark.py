@@ -20,16 +20,23 @@ Time plan (2 quiet CPU cores; the whole run must fit in 100 minutes):
   [1] corpus (4,000/500/1,000 PhotoChat-style        2 min   generate+prepare 124 s wall at load 7-10,
       dialogs, 2,800/360/720 MMDialog-style                  54 CPU s (45,213 images)
       conversations, 30,000 caption images)
-  [2] backbone (dialclip-small, 922 steps)          25 min   see bench/results/pretrain_small_clip.json
-  [3] features: 2 stores for the backbone           2 min   estimate: ~40k turn texts + ~15k images, frozen
-  [4] lr: 7 variants x 3 lrs, 1 epoch on            11 min   ~30 s per proxy run incl. Ray start
-      600 examples per dataset and type, 200 val
+  [2] backbone (dialclip-small, 922 steps)          15 min   held-out R@1 49.6% among 1,000 photos;
+                                                             31.8 min at load average 10-45 (median 19),
+                                                             11-15 min quiet (estimate): see
+                                                             bench/results/pretrain_small_clip.json
+  [3] features: 2 stores for the backbone           3 min   215 s at load average ~10
+  [4] lr: 7 variants x 3 lrs, 1 epoch on            12 min   ~35 s per proxy run; Ray Train start alone
+      600 examples per dataset and type, 200 val             took 27 s per run in --quick at load ~30
   [5] train: 13 runs (dialclip, gated, finetune     39 min   3 min per run: 6 epochs x 4,000 examples per
       x 3 seeds; 4 ablations x 1) + zeroshot                 dataset and type, with the frozen feature store
-      rank: 14 models x ~10,250 test queries        17 min   ~70 s per model (27,003 text + 2,502 image
-                                                             candidates to embed, 10,246 queries)
+      rank: 14 models x 10,246 test queries         21 min   ~90 s per model: zero-shot 189 CPU s, fresh
+                                                             DialCLIP 164 CPU s (117 s wall at load 6) for
+                                                             10,246 queries, 27,003 text + 2,502 image
+                                                             candidates; --max-text-queries 2500 cuts the
+                                                             text part to a third (2,506 queries, 10,362
+                                                             candidates)
   [6] statistics and files                           1 min   10,000 bootstrap replicates per estimate
-  total                                             97 min
+  total                                             93 min
 
 ``--quick`` runs every stage on a tiny corpus (dialclip-micro backbone, 1 epoch, 1 seed, a
 two-point grid) to prove the pipeline; it writes ``synthetic_benchmark_quick.*``.
@@ -72,6 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--proxy-epochs", type=int, default=1)
     ap.add_argument("--features", default="auto", choices=("auto", "require", "off"),
                     help="frozen feature store mode for ranking")
+    ap.add_argument("--max-text-queries", type=int, default=None,
+                    help="rank only the MMDialog text targets of the first test conversations holding this many "
+                         "(whole conversations; default: all 8,238): the lever when time is short")
     ap.add_argument("--cache", default="runs/cache")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -141,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.time()
             model, bb, meta = load_checkpoint(outcome.best)
             for name, path in (("photochat", corpus.photochat), ("mmdialog", corpus.mmdialog)):
-                runs.add(v, seed, name, B.rank_queries(model, bb, path, "test", features=args.features))
+                runs.add(v, seed, name, B.rank_queries(model, bb, path, "test", features=args.features,
+                                                       max_queries={"text": args.max_text_queries}))
             rank_s = time.time() - t0
             runs.runs.setdefault(v, {})[seed] = {
                 "lr": lr, "trainable_params": meta["params"]["trainable"],
@@ -160,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         "note_seeds": "zeroshot trains nothing and ranks deterministically: one seed is the whole distribution",
         "epochs": args.epochs, "selection": "checkpoint of the epoch with the best validation Sum (mean over types)",
         "max_train_examples_per_dataset_and_type": args.max_train, "max_val_examples": args.max_val,
-        "batch_size": args.batch_size, "workers": args.workers,
+        "batch_size": args.batch_size, "workers": args.workers, "max_text_queries": args.max_text_queries,
         "lr_selection": {"grid": grid, "proxy_epochs": args.proxy_epochs, "proxy_train": args.proxy_train,
                          "proxy_val": args.proxy_val, "finetune_backbone_lr": "lr / 20", "chosen": lrs},
         "corpus": {"dir": B.rel(corpus.raw.parent), **{k: v for k, v in corpus_spec.items()}, "counts": counts},
@@ -168,13 +179,14 @@ def main(argv: list[str] | None = None) -> int:
                            "mmdialog": "each test target against its own 999 negatives + the target"},
         "statistics": {"n_boot": B.stats.N_BOOT, "ci": "95% percentile bootstrap; seeds then queries",
                        "comparisons": "paired bootstrap on the same queries (a - b)"},
-        "stage_seconds": progress.seconds, "load_average_start": load_start, "load_average_end": os.getloadavg(),
+        "stage_seconds": dict(progress.seconds),  # stages 1-5; the results stage is printed below
+        "load_average_start": load_start, "load_average_end": os.getloadavg(),
     }
-    progress.close()
-    protocol["stage_seconds"] = progress.seconds
     report = B.write_results(args.out, runs, facts, protocol)
+    progress.close()
     print(B.markdown(report))
-    print(f"wrote {B.rel(Path(args.out).with_suffix('.json'))} (.md, .png) in {time.time() - progress.t0:.0f}s")
+    print(f"wrote {B.rel(Path(args.out).with_suffix('.json'))} (.md, .png); results stage "
+          f"{list(progress.seconds.values())[-1]:.0f}s, total {time.time() - progress.t0:.0f}s")
     return 0
 
 

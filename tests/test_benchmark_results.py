@@ -76,3 +76,12 @@ def test_a_missing_preset_is_a_clear_error(monkeypatch):
     with pytest.raises(SystemExit, match="'gated'.*PRESETS"):
         B.check_variant("gated")
     B.check_variant("dialclip")
+
+
+def test_first_dialogs_keeps_whole_conversations():
+    from types import SimpleNamespace
+
+    recs = [SimpleNamespace(id=f"mmdialog/test/{c}/{t}/0") for c in (1, 2, 3) for t in range(1, 5)]
+    assert B.first_dialogs(recs, None) == recs and B.first_dialogs(recs, 100) == recs
+    assert [r.id for r in B.first_dialogs(recs, 5)] == [r.id for r in recs[:8]]  # conversation 2 kept whole
+    assert len(B.first_dialogs(recs, 4)) == 4 and len(B.first_dialogs(recs, 1)) == 4

@@ -100,8 +100,8 @@ def served(ray_cluster, artifacts):
     from ray.serve.context import _get_global_client
     from ray.serve.schema import ServeDeploySchema
 
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
+    port = _get_global_client().http_config.port  # another module may have started Serve already
     # `serve run serve/serve_config.yaml` semantics: the YAML's import path + args + per-deployment options.
     cfg = yaml.safe_load((ROOT / "serve" / "serve_config.yaml").read_text())
     cfg["http_options"] = {"host": "127.0.0.1", "port": port}

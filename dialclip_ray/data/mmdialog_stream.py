@@ -848,56 +848,16 @@ def convert_mmdialog(input: str | Path, out: str | Path, images: str | Path | No
     lock = _Lock(work / "lock")
     try:
         _prepare_work(work, fingerprint, restart)
-        plan_path = work / "plan.json"
-        segments: list[Segment] | None = None
-        if plan_path.is_file():
-            try:
-                segments = [Segment(**s) for s in json.loads(plan_path.read_text(encoding="utf-8"))]
-            except (ValueError, TypeError):
-                segments = None
-        t_plan = time.perf_counter()
-        if segments is None:
-            segments = plan(files, segment_bytes)
-            atomic_write_text(plan_path, json.dumps([asdict(s) for s in segments]))
-        t_plan = time.perf_counter() - t_plan
-
-        dones: dict[int, dict] = {}
-        for seg in segments:
-            done = _load_done(work, seg)
-            if done is not None:
-                dones[seg.index] = done
-        resumed = len(dones)
-        todo = [s for s in segments if s.index not in dones]
-        t_conv = time.perf_counter()
-        with tqdm(total=len(segments), initial=resumed, desc="mmdialog segments", unit="seg",
-                  disable=not progress) as bar:
-            if processes == 0 or len(todo) <= 1:
-                for seg in todo:
-                    dones[seg.index] = convert_segment(seg, opt)
-                    bar.update(1)
-            else:
-                _run_pool(todo, opt, processes, dones, bar)
-        t_conv = time.perf_counter() - t_conv
-
+        segments, t_plan = _load_or_plan(work, files, segment_bytes)
+        dones, resumed, t_conv = _convert_segments(work, segments, opt, processes, progress)
         t_fin = time.perf_counter()
         _check_duplicates(work, opt, segments, dones)
         check_output_dir(out)
-        with staging_dir(out.absolute(), tag="stream") as tmp:
-            (tmp / EXAMPLES_DIR).mkdir()
-            for seg in segments:
-                src = _segment_dir(work, seg.index) / "examples.parquet"
-                dst = tmp / EXAMPLES_DIR / shard_name(seg.index)
-                try:
-                    os.link(src, dst)
-                except OSError:
-                    shutil.copy2(src, dst)
-            n_images = _merge_side(work, opt, segments, dones, "images", tmp / "images.parquet")
-            n_texts = _merge_side(work, opt, segments, dones, "texts", tmp / "texts.parquet")
-            meta = _meta(input, files, opt, segments, dones, n_images, n_texts, resumed, processes,
-                         segment_bytes, work, {"plan": t_plan, "convert": t_conv})
-            meta["timings_s"]["finish"] = round(time.perf_counter() - t_fin, 3)
-            meta["timings_s"]["total"] = round(time.perf_counter() - t0, 3)
-            atomic_write_text(tmp / META_FILE, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        meta = _publish(out, work, input, files, opt, segments, dones, resumed, processes, segment_bytes,
+                        {"plan": t_plan, "convert": t_conv})
+        meta["timings_s"]["finish"] = round(time.perf_counter() - t_fin, 3)
+        meta["timings_s"]["total"] = round(time.perf_counter() - t0, 3)
+        atomic_write_text(out / META_FILE, json.dumps(meta, indent=2, sort_keys=True) + "\n")
         shutil.rmtree(work, ignore_errors=True)
     except BaseException:
         if not any((work / "segments").glob("*/done.json")):  # nothing to continue from: leave nothing behind
@@ -905,6 +865,67 @@ def convert_mmdialog(input: str | Path, out: str | Path, images: str | Path | No
         raise
     finally:
         lock.release()
+    return meta
+
+
+def _load_or_plan(work: Path, files: list, segment_bytes: int) -> tuple[list[Segment], float]:
+    """The segment plan of this job: reused from ``plan.json`` when a killed run left one."""
+    plan_path = work / "plan.json"
+    segments: list[Segment] | None = None
+    if plan_path.is_file():
+        try:
+            segments = [Segment(**s) for s in json.loads(plan_path.read_text(encoding="utf-8"))]
+        except (ValueError, TypeError):
+            segments = None
+    t_plan = time.perf_counter()
+    if segments is None:
+        segments = plan(files, segment_bytes)
+        atomic_write_text(plan_path, json.dumps([asdict(s) for s in segments]))
+    return segments, time.perf_counter() - t_plan
+
+
+def _convert_segments(work: Path, segments: list[Segment], opt: Options, processes: int,
+                      progress: bool) -> tuple[dict[int, dict], int, float]:
+    """Convert every segment not finished by an earlier run; returns (done records, resumed count, seconds)."""
+    dones: dict[int, dict] = {}
+    for seg in segments:
+        done = _load_done(work, seg)
+        if done is not None:
+            dones[seg.index] = done
+    resumed = len(dones)
+    todo = [s for s in segments if s.index not in dones]
+    t_conv = time.perf_counter()
+    with tqdm(total=len(segments), initial=resumed, desc="mmdialog segments", unit="seg",
+              disable=not progress) as bar:
+        if processes == 0 or len(todo) <= 1:
+            for seg in todo:
+                dones[seg.index] = convert_segment(seg, opt)
+                bar.update(1)
+        else:
+            _run_pool(todo, opt, processes, dones, bar)
+    return dones, resumed, time.perf_counter() - t_conv
+
+
+def _publish(out: Path, work: Path, input: Path, files: list, opt: Options, segments: list[Segment],
+             dones: dict[int, dict], resumed: int, processes: int, segment_bytes: int, timings: dict) -> dict:
+    """Assemble shards and merged side tables in a staging dir and publish it as ``out``; returns the meta.
+
+    ``meta.json`` is written into the staging dir too (its timings are completed by the caller).
+    """
+    with staging_dir(out.absolute(), tag="stream") as tmp:
+        (tmp / EXAMPLES_DIR).mkdir()
+        for seg in segments:
+            src = _segment_dir(work, seg.index) / "examples.parquet"
+            dst = tmp / EXAMPLES_DIR / shard_name(seg.index)
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copy2(src, dst)
+        n_images = _merge_side(work, opt, segments, dones, "images", tmp / "images.parquet")
+        n_texts = _merge_side(work, opt, segments, dones, "texts", tmp / "texts.parquet")
+        meta = _meta(input, files, opt, segments, dones, n_images, n_texts, resumed, processes,
+                     segment_bytes, work, timings)
+        atomic_write_text(tmp / META_FILE, json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return meta
 
 

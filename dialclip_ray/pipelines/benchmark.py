@@ -107,13 +107,30 @@ class QueryRanks:
         return hashlib.sha256("\n".join(self.query_ids).encode()).hexdigest()[:16]
 
 
+def first_dialogs(records: list, max_queries: int | None) -> list:
+    """The records of the first dialogs holding at least ``max_queries`` queries (whole dialogs, file order);
+    every record when ``max_queries`` is None. A dialog is the record id up to its last two parts
+    (``mmdialog/<split>/<conversation>/<turn>/<item>``)."""
+    if max_queries is None or len(records) <= max_queries:
+        return list(records)
+    cut = max_queries
+    dialog = records[cut - 1].id.rsplit("/", 2)[0]
+    while cut < len(records) and records[cut].id.rsplit("/", 2)[0] == dialog:
+        cut += 1
+    return list(records[:cut])
+
+
 def rank_queries(model, backbone, dataset_dir: str | os.PathLike, split: str = "test", batch_size: int = 64,
-                 device: str = "cpu", features: str = "auto") -> dict[str, QueryRanks]:
+                 device: str = "cpu", features: str = "auto",
+                 max_queries: Mapping[str, int | None] | None = None) -> dict[str, QueryRanks]:
     """Per retrieval type (``dialog_to_image`` / ``dialog_to_text``): the rank of every query of ``split``.
 
     The same computation as ``evaluation.local.evaluate_model`` (its helpers, its protocols), keeping
     the per-query ranks that its summary throws away. ``features``: the frozen feature store mode
-    (``auto`` builds it when missing; ``off`` runs the frozen towers).
+    (``auto`` builds it when missing; ``off`` runs the frozen towers). ``max_queries`` (per target
+    type, e.g. ``{"text": 2500}``) keeps the queries of the first whole dialogs only (``first_dialogs``),
+    which cuts the candidates to embed as well: the lever when time is short (the full test split
+    is the protocol).
     """
     from dialclip_ray.data.dataset import CanonicalDataset, ReaderConfig, image_loader
     from dialclip_ray.evaluation.local import (candidate_pool, embed_images, embed_queries, embed_texts,
@@ -132,7 +149,7 @@ def rank_queries(model, backbone, dataset_dir: str | os.PathLike, split: str = "
     model.eval()
     out: dict[str, QueryRanks] = {}
     for target_type, name in zip(TARGET_TYPES, RETRIEVAL_TYPES):
-        records = dataset.examples(split, target_type)
+        records = first_dialogs(dataset.examples(split, target_type), (max_queries or {}).get(target_type))
         if not records:
             continue
         queries = embed_queries(model, records, backbone.tokenizer, load, reader, batch_size, device, store)
@@ -218,7 +235,10 @@ def build_report(runs: BenchmarkRuns, backbone: dict, protocol: dict, comparison
                  seed: int = 0) -> dict:
     """The JSON report: backbone, protocol, per-seed rows, bootstrap summaries, paired comparisons."""
     results, summary = [], []
-    for (variant, dataset, rtype), by_seed in sorted(runs.ranks.items()):
+    variant_order = list(dict.fromkeys(k[0] for k in runs.ranks))  # as run: the caller's variant order
+    keys = sorted(runs.ranks, key=lambda k: (variant_order.index(k[0]), k[1], k[2]))
+    for variant, dataset, rtype in keys:
+        by_seed = runs.ranks[(variant, dataset, rtype)]
         for s in sorted(by_seed):
             qr = by_seed[s]
             results.append({"variant": variant, "dataset": dataset, "retrieval_type": rtype, "seed": s,
