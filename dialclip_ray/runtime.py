@@ -139,3 +139,19 @@ class AmpStep:
         self.scaler.update()
         if scheduler is not None:
             scheduler.step()
+
+
+def wait_for_interrupt() -> None:
+    """Block a foreground service (``dialclip serve``, ``demo --keep-serving``) until Ctrl-C or SIGTERM."""
+    import signal
+    import time
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("stopping ...")

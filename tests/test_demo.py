@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 
 import pytest
+from net_support import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -19,12 +19,6 @@ def processes_mentioning(text: str) -> list[str]:
     # -ww: full command lines (pytest sets COLUMNS, and ps cuts its output to that width)
     out = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True).stdout
     return [line for line in out.splitlines()[1:] if text in line and "pytest" not in line]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_tiny_demo_end_to_end(tmp_path):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import socket
 import time
 from pathlib import Path
 
@@ -22,15 +21,10 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from checkpoint_support import make_checkpoint
+from net_support import free_port
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def readme_retrieve_example() -> dict:

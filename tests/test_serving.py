@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import io
-import socket
 import time
 from pathlib import Path
 
@@ -27,15 +26,10 @@ from dialclip_ray.serving.dialogs import DialogEncoder
 from dialclip_ray.serving.schemas import RetrieveRequest
 
 from checkpoint_support import make_checkpoint  # noqa: E402
+from net_support import free_port
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def png_b64(width: int, height: int) -> str:

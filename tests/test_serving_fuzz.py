@@ -36,6 +36,7 @@ from dialclip_ray.model.backbone import backbone_geometry
 from dialclip_ray.serving.app import build_app
 
 from checkpoint_support import make_checkpoint  # noqa: E402
+from net_support import free_port
 
 pytestmark = pytest.mark.slow
 APP = "fuzz"
@@ -43,12 +44,6 @@ LIMITS = {"max_image_pixels": 2_000_000, "max_request_pixels": 4_000_000, "encod
           "body_timeout_s": 4.0, "body_idle_timeout_s": 2.0, "cooloff_s": 1.0, "shard_timeout_s": 3.0,
           "max_body_bytes": 2 * 1024 * 1024}
 OK = {"context": [{"speaker": 0, "text": "hello there"}], "current": "", "k": 3}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def png_bytes(width: int, height: int, color=(200, 30, 30)) -> bytes:

@@ -4,12 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
-import time
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -35,7 +29,7 @@ def main(args: argparse.Namespace) -> int:
     from ray import serve
 
     from dialclip_ray.rundir import RunDirError, resolve_serving
-    from dialclip_ray.runtime import ensure_ray
+    from dialclip_ray.runtime import ensure_ray, wait_for_interrupt
     from dialclip_ray.serving.app import build_app
 
     try:  # before Ray starts: a wrong path should cost nothing
@@ -57,13 +51,8 @@ def main(args: argparse.Namespace) -> int:
         print(f"Running on the Ray cluster; stop it with `serve delete {args.name}` or `serve shutdown`.")
         return 0
     print("Press Ctrl-C (or send SIGTERM) to stop.")
-    signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        print("stopping ...")
-        serve.delete(args.name)
-        if owns_ray:
-            serve.shutdown()
+    wait_for_interrupt()
+    serve.delete(args.name)
+    if owns_ray:
+        serve.shutdown()
     return 0

@@ -150,7 +150,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     from dialclip_ray.model.config import BackboneConfig
     from dialclip_ray.pipelines.demo_report import write_report
     from dialclip_ray.pipelines.experiments import ensure_corpus, ensure_small_clip
-    from dialclip_ray.runtime import ensure_ray
+    from dialclip_ray.runtime import ensure_ray, wait_for_interrupt
 
     for noisy in ("ray.data", "ray.serve", "ray.train"):  # stage headers and our own output carry the progress
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -188,7 +188,7 @@ def run_demo(cfg: DemoConfig) -> dict:
             print(f"\nThe endpoint stays up at {url} (docs: {url}/docs). Query it with\n"
                   f"  dialclip query --url {url} --dialog DIALOG.json\n"
                   f"Stop it with Ctrl-C here (or `serve shutdown` from another shell).")
-            _wait_forever()
+            wait_for_interrupt()
         return {**summary, "report": str(report), "answers": answers, "out": str(out)}
     finally:
         stage.finish()
@@ -204,17 +204,3 @@ def publish_latest(out: Path, run_dir: Path) -> Path | None:
     if publish_link(out / "run", run_dir) is None:
         return None
     return publish_link(out.parent / LATEST, out)
-
-
-def _wait_forever() -> None:
-    import signal
-
-    def stop(signum, frame):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, stop)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        print("stopping ...")
