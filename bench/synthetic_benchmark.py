@@ -70,7 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seeds", type=int, default=3, help=f"seeds for {', '.join(HEADLINE)}")
     ap.add_argument("--ablation-seeds", type=int, default=1)
     ap.add_argument("--max-train", type=int, default=4000, help="training examples per dataset and type")
-    ap.add_argument("--max-val", type=int, default=300)
+    ap.add_argument("--max-val", type=int, default=500, help="validation queries per dataset and type (selection)")
+    ap.add_argument("--patience", type=int, default=2,
+                    help="early stopping: epochs without a better validation Sum before a run ends")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--lr-grid", default=",".join(f"{x:g}" for x in B.LR_GRID))
@@ -122,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             variant, corpus, backbone, cache / ("bench_lr" if proxy else "bench_runs"),
             args.proxy_epochs if proxy else args.epochs, args.workers, seed=seed, batch_size=args.batch_size,
             lr=lr, finetune_lr=lr / 20, max_train_examples=args.proxy_train if proxy else args.max_train,
-            max_val_examples=args.proxy_val if proxy else args.max_val)
+            max_val_examples=args.proxy_val if proxy else args.max_val, patience=None if proxy else args.patience)
 
     progress("features: the frozen feature store of each dataset for this backbone (context turns, images)")
     from dialclip_ray.features.store import ensure_store
@@ -169,7 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     protocol = {
         "command": command.strip(), "quick": args.quick, "seeds": seeds_used,
         "note_seeds": "zeroshot trains nothing and ranks deterministically: one seed is the whole distribution",
-        "epochs": args.epochs, "selection": "checkpoint of the epoch with the best validation Sum (mean over types)",
+        "epochs": args.epochs, "selection": "checkpoint of the epoch with the best validation Sum (mean over types); early stopping "
+                     f"after {args.patience} epochs without a better one",
+        "patience": args.patience,
         "max_train_examples_per_dataset_and_type": args.max_train, "max_val_examples": args.max_val,
         "batch_size": args.batch_size, "workers": args.workers, "max_text_queries": args.max_text_queries,
         "lr_selection": {"grid": grid, "proxy_epochs": args.proxy_epochs, "proxy_train": args.proxy_train,

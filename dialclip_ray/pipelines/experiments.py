@@ -101,7 +101,8 @@ def small_clip_link(cache: Path, model_name: str, corpus: Corpus) -> Path:
 def variant_config(variant: str, corpus: Corpus, backbone: BackboneConfig, storage: Path, epochs: int,
                    workers: int = 2, seed: int = 0, batch_size: int = 32, lr: float = 2e-3,
                    finetune_lr: float = 1e-4, max_train_examples: int | None = None,
-                   max_val_examples: int | None = 300, model_overrides: dict | None = None) -> TrainConfig:
+                   max_val_examples: int | None = 300, model_overrides: dict | None = None,
+                   patience: int | None = None) -> TrainConfig:
     """The training config of one variant; the run name hashes it, so identical configs share a run."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; known: {VARIANTS}")
@@ -112,7 +113,7 @@ def variant_config(variant: str, corpus: Corpus, backbone: BackboneConfig, stora
         data=DataSection(train=corpus.datasets, max_train_examples=max_train_examples,
                          max_val_examples=max_val_examples),
         optim=OptimSection(epochs=0 if variant == "zeroshot" else epochs, batch_size=batch_size, lr=lr,
-                           backbone_lr=finetune_lr),
+                           backbone_lr=finetune_lr, patience=patience),
         run=RunSection(name="pending", storage_path=str(storage), workers=workers, seed=seed))
     digest = hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:10]
     cfg.run.name = f"{variant}-{digest}"

@@ -44,6 +44,9 @@ class OptimSection(BaseModel):
     warmup_steps: int = Field(20, ge=0)
     grad_clip: float = Field(1.0, ge=0)
     eval_batch_size: int = Field(64, ge=1)
+    patience: int | None = Field(
+        None, ge=1, description="early stopping: end the run after this many epochs without a better "
+        "validation Sum (None = run every epoch); the best epoch's checkpoint is kept either way")
 
 
 class RunSection(BaseModel):

@@ -240,12 +240,26 @@ def train_loop_per_worker(loop_config: dict) -> None:
     params = parameter_report(w.model).as_dict()
     w.setup_seconds = time.time() - t_setup
     for epoch in range(start_epoch, max(cfg.optim.epochs, 1 if start_epoch == 0 else 0)):
+        if stale_epochs(history) >= (cfg.optim.patience or float("inf")):
+            break  # early stop; every rank holds the same broadcast history, so all stop together
         t0, losses = time.time(), []
         if cfg.optim.epochs:
             losses, step = _train_epoch(w, ddp, loaders, amp, scheduler, epoch, step)
         metrics = _epoch_metrics(w, epoch, step, losses, time.time() - t0, params)
         history.append(metrics)
         _report(w, metrics, history, step, scheduler)
+
+
+def stale_epochs(history: list[dict]) -> int:
+    """Epochs since the best validation Sum (0 when the last epoch is the best so far).
+
+    Computed from the checkpointed history, so a resumed run stops exactly where an uninterrupted one
+    would have.
+    """
+    if not history:
+        return 0
+    best = max(range(len(history)), key=lambda i: (history[i].get("val_sum", float("-inf")), -i))
+    return len(history) - 1 - best
 
 
 def _broadcast(metrics: dict, world: int) -> dict:

@@ -64,6 +64,16 @@ def _write_history(history: list[dict], run_dir: Path) -> None:
         plot_training_curves(history, run_dir / "training_curves.png", title=run_dir.name)
 
 
+def _finished(cfg: TrainConfig, latest: tuple[int, float, Path]) -> bool:
+    """All epochs done, or early-stopped (no better validation Sum for ``optim.patience`` epochs)."""
+    from dialclip_ray.train.loop import stale_epochs
+
+    if latest[0] >= cfg.optim.epochs:
+        return True
+    history = json.loads((latest[2] / META_FILE).read_text())["extra"].get("history", [])
+    return bool(cfg.optim.patience) and stale_epochs(history) >= cfg.optim.patience
+
+
 def run_training(cfg: TrainConfig) -> TrainOutcome:
     """Train (or resume, or reuse) the run ``cfg.run.name``; return its best and latest checkpoints."""
     from dialclip_ray.train.loop import train_loop_per_worker
@@ -73,7 +83,7 @@ def run_training(cfg: TrainConfig) -> TrainOutcome:
     run_dir = storage / cfg.run.name
     t0 = time.time()
     done = _ray_checkpoints(run_dir)
-    trained = not done or done[-1][0] < cfg.optim.epochs
+    trained = not done or not _finished(cfg, done[-1])
     if trained:
         ensure_ray(num_cpus=cfg.run.workers)
         for path in cfg.data.train:  # frozen context features, computed once per dataset and backbone
