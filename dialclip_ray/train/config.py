@@ -62,6 +62,8 @@ class RunSection(BaseModel):
     checkpoint_every_steps: int | None = Field(
         None, ge=1, description="also checkpoint every N optimizer steps inside an epoch, so a failure "
         "costs at most N steps; a resumed run continues at the next batch of that epoch")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="where the workers go: PACK fills a node first, SPREAD puts them on different nodes")
     example_log: bool = Field(False, description="append each step's example ids to "
                               "<storage>/<name>/example_log/rank<R>.jsonl (audit the data order across resumes)")
     num_to_keep: int | None = Field(None, ge=1, description="checkpoints kept (None = all; they are small)")

@@ -103,6 +103,7 @@ class _Worker:
     launched_unix: float | None = None   # when the driver called fit(): start-up = first step - this
     setup_seconds: float | None = None
     example_log: Any = None  # open text file when run.example_log is on
+    node: str = ""  # Ray node id (several-node runs: which node did what)
 
 
 def _setup(loop_config: dict) -> _Worker:
@@ -239,8 +240,8 @@ def _train_epoch(w: _Worker, ddp, loaders: list, amp: AmpStep, scheduler, epoch:
         pos.step, pos.batch = pos.step + 1, pos.batch + 1
         pos.epoch_losses.append(loss.item())
         if w.example_log is not None:
-            w.example_log.write(json.dumps({"epoch": epoch, "batch": pos.batch, "step": pos.step,
-                                            "pid": os.getpid(), "ids": list(batch.example_ids)}) + "\n")
+            w.example_log.write(json.dumps({"epoch": epoch, "batch": pos.batch, "step": pos.step, "t": time.time(),
+                                            "pid": os.getpid(), "node": w.node, "ids": list(batch.example_ids)}) + "\n")
             w.example_log.flush()
         progress.update(1)
         progress.set_postfix(loss=f"{pos.epoch_losses[-1]:.3f}")
@@ -321,6 +322,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     """Ray Train entry: set up, resume from this run's latest checkpoint, then train, validate and report."""
     from functools import partial
 
+    import ray
     import ray.train.torch
 
     t_setup = time.time()
@@ -339,6 +341,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     params = parameter_report(w.model).as_dict()
     w.setup_seconds = time.time() - t_setup
     w.example_log = _open_example_log(cfg, w.rank)
+    w.node = ray.get_runtime_context().get_node_id()
     checkpoint = lambda p: _report(w, _partial_metrics(p), p, scheduler)  # noqa: E731
     for epoch in range(pos.epoch, max(cfg.optim.epochs, 1 if pos.epoch == 0 else 0)):
         if stale_epochs(pos.history) >= (cfg.optim.patience or float("inf")):

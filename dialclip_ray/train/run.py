@@ -137,7 +137,7 @@ def run_training(cfg: TrainConfig) -> TrainOutcome:
         build_trainer(train_loop_per_worker, loop_config, name=cfg.run.name,
                       storage_path=str(storage), workers=cfg.run.workers, use_gpu=cfg.run.use_gpu,
                       max_failures=cfg.run.max_failures, num_to_keep=cfg.run.num_to_keep,
-                      score_attribute="val_sum").fit()
+                      score_attribute="val_sum", placement_strategy=cfg.run.placement_strategy).fit()
         done = _ray_checkpoints(run_dir)
     if not done:
         raise RuntimeError(f"training run {run_dir} produced no checkpoint")
