@@ -110,8 +110,9 @@ def _evaluate_index_serve(cfg: DemoConfig, stage: "Stage", corpus, checkpoints: 
     evaluation = {}
     for name, data in (("photochat", corpus.photochat), ("mmdialog", corpus.mmdialog)):
         evaluation[name] = evaluate_checkpoints(checkpoints, str(data), "test", str(out / f"eval_{name}"),
-                                                distributed=True, actors=cfg.actors)
+                                                distributed=True, actors=cfg.actors, compare=True)
         print(evaluation[name]["table"])
+        print(evaluation[name].get("comparison_table", ""))
 
     stage(f"sharded FAISS index of every candidate ({cfg.shards} shards)")
     index_dir = out / "index"
