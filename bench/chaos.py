@@ -26,15 +26,23 @@ from dialclip_ray.pipelines import chaos_serve as S  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def local_scenarios(run: C.ChaosRun, kills: int, png: Path) -> None:
+def no_ray_scenarios(run: C.ChaosRun, kills: int) -> None:
     run("data_prepare_photochat_sigkill", "data", f"SIGKILL `dialclip data prepare` (PhotoChat) at {kills} random "
         "points while it replaces a good dataset", C.data_prepare_sigkill("photochat", kills))
     run("data_prepare_mmdialog_sigkill", "data", f"SIGKILL the streaming MMDialog converter (2 processes) at "
         f"{kills} random points while it replaces a good dataset", C.data_prepare_sigkill("mmdialog", kills))
-    run("index_build_sigkill", "data", "SIGKILL `dialclip index build --overwrite` at 3 random points",
-        C.index_build_sigkill)
     run("checkpoint_save_sigkill", "data", "SIGKILL a process saving checkpoints back to back, 8 times",
         C.checkpoint_save_sigkill)
+
+
+RAY_SCENARIOS = ("index_build_sigkill", "train_worker_killed_mid_epoch", "train_driver_sigkill", "tune_driver_sigkill",
+                 "train_corrupt_checkpoint", "serve_kill_shard_replica", "serve_kill_encoder_replica",
+                 "serve_kill_ingress_replica", "serve_autoscaling", "fuzz_schemathesis")
+
+
+def ray_scenarios(run: C.ChaosRun, png: Path) -> None:
+    run("index_build_sigkill", "data", "SIGKILL `dialclip index build --overwrite` at 3 random points",
+        C.index_build_sigkill)
     run("train_worker_killed_mid_epoch", "train", "SIGKILL Ray Train worker rank 0 at batch 5 of epoch 1 "
         "(step checkpoints every 2 steps)", C.train_worker_kill)
     run("train_driver_sigkill", "train", "SIGKILL `dialclip train`'s driver after epoch 1 of 3, then rerun",
@@ -95,20 +103,29 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work or tempfile.mkdtemp(prefix="dialclip-chaos-"))
     run = C.ChaosRun(work, {x for x in args.only.split(",") if x} or None)
     out = Path(args.out)
-    ray.init(num_cpus=4, include_dashboard=True, log_to_driver=False,
-             logging_config=ray.LoggingConfig(log_level="ERROR"),
-             runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}})
-    try:
-        local_scenarios(run, args.kills, out.with_name(out.name + "_autoscale.png"))
-    finally:
+    no_ray_scenarios(run, args.kills)
+    kinds = {"data": ("index_build_sigkill",), "train": RAY_SCENARIOS[1:5], "serve": RAY_SCENARIOS[5:9],
+             "fuzz": RAY_SCENARIOS[9:]}
+    wanted = not run.only or any(n in run.only or any(n in kinds.get(o, ()) for o in run.only) for n in RAY_SCENARIOS)
+    if wanted:  # the local Ray cluster only when a selected scenario needs it
+        ray.init(num_cpus=4, include_dashboard=True, log_to_driver=False,
+                 logging_config=ray.LoggingConfig(log_level="ERROR"),
+                 runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}})
         try:
-            from ray import serve
+            ray_scenarios(run, out.with_name(out.name + "_autoscale.png"))
+        finally:
+            try:
+                from ray import serve
 
-            serve.shutdown()
-        except Exception:
-            pass
-        ray.shutdown()
+                serve.shutdown()
+            except Exception:
+                pass
+            ray.shutdown()
     cluster_scenarios(run)
+    return finish(run, out, work)
+
+
+def finish(run: C.ChaosRun, out: Path, work: Path) -> int:
     rows = run.as_json()["scenarios"]
     write(rows, out, work)
     bad = [r["name"] for r in rows if not r["survived"]]

@@ -118,7 +118,7 @@ def kill_repeatedly(row: Scenario, args: list[str], kills: int, full_s: float, c
     rng = random.Random(seed)
     attempts = []
     for _ in range(kills):
-        delay = rng.uniform(0.1, max(0.2, full_s * 0.95))
+        delay = rng.uniform(0.3 * full_s, 0.98 * full_s)  # past the imports: into the conversion and its writes
         killed = kill_after(dialclip(args, env), delay)
         attempts.append({"kill_after_s": round(delay, 2), "killed": killed, **check()})
     rerun_s = run_ok(args, env)
@@ -129,7 +129,7 @@ def kill_repeatedly(row: Scenario, args: list[str], kills: int, full_s: float, c
 # ---------------------------------------------------------------------------------------------- data
 
 
-def tiny_raw_corpus(work: Path, dialogs: int = 400) -> Path:
+def tiny_raw_corpus(work: Path, dialogs: int = 3000) -> Path:
     from dialclip_ray.data.synthetic import generate
 
     raw = work / "raw"
@@ -235,9 +235,9 @@ def micro_checkpoint(work: Path) -> Path:
 SAVE_LOOP = """
 import sys, torch
 from dialclip_ray.model.checkpoint import save_checkpoint
-from dialclip_ray.model.config import BackboneConfig, DialCLIPConfig
+from dialclip_ray.model.config import DialCLIPConfig, merge_preset
 from dialclip_ray.model.dialclip import build_model
-model, _ = build_model(DialCLIPConfig(variant="finetune", backbone=BackboneConfig(model_name="dialclip-micro")))
+model, _ = build_model(DialCLIPConfig(**merge_preset({"preset": "finetune", "backbone": {"model_name": "dialclip-small"}})))
 version = 0
 while True:
     version += 1
