@@ -71,9 +71,9 @@ def cluster_scenarios(run: C.ChaosRun) -> None:
     if not wanted:
         return
     with M.LocalCluster() as cluster:
-        run("multinode_train_node_removed", "multinode", "2 workers SPREAD over 2 of 3 nodes; the node of one "
-            "worker removed mid-run", M.train_node_removed(cluster))
-        run("multinode_evaluate", "multinode", "Ray Data evaluation (3 encoder actors) on a 3-node cluster vs "
+        run("multinode_train_node_removed", "multinode", "2 workers SPREAD over 2 of 3 nodes; a worker node "
+            "holding one of them removed mid-run", M.train_node_removed(cluster))
+        run("multinode_evaluate", "multinode", "Ray Data evaluation (2 encoder actors) on the several-node cluster vs "
             "one process", M.evaluate_across_nodes)
         run("multinode_serve_shard_node_removed", "multinode", "Shard1 pinned to node_b; node_b removed, then a "
             "node offering node_b added", M.serve_shard_node_removed(cluster))

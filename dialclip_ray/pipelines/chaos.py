@@ -223,6 +223,7 @@ def micro_checkpoint(work: Path) -> Path:
     ckpt = work / "ckpt"
     if (ckpt / "dialclip.pt").exists():
         return ckpt
+    work.mkdir(parents=True, exist_ok=True)
     weights = work / "micro-backbone.pt"
     torch.manual_seed(0)
     torch.save(load_backbone("dialclip-micro").model.state_dict(), weights)

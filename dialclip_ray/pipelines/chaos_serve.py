@@ -74,7 +74,8 @@ def start_app(work: Path, **overrides) -> str:
         port = _get_global_client().http_config.port
     except Exception:
         port = _free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        # HeadOnly: on a several-node cluster of one machine, a proxy per node would fight over the port
+        serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
     serve.run(build_app({"checkpoint": str(ckpt), "index_dir": str(index), **LIMITS, **overrides}),
               name=APP, route_prefix=f"/{APP}")
     url = f"http://127.0.0.1:{port}"
@@ -188,13 +189,13 @@ def plot_autoscaling(timeline: list[dict], rows: list[dict], t0: float, out: Pat
     plt.close(fig)
 
 
-def schemathesis_run(row: Scenario, work: Path, examples: int = 40) -> None:
+def schemathesis_run(row: Scenario, work: Path, examples: int = 60) -> None:
     """schemathesis against the live /openapi.json: no 5xx, responses and status codes as documented."""
     url = start_app(work)
     har = work / "schemathesis.har"
     cmd = [str(Path(sys.executable).with_name("schemathesis")), "run", f"{url}/{APP}/openapi.json",
            "--url", f"{url}/{APP}", "--checks", "not_a_server_error,response_schema_conformance,status_code_conformance",
-           "-n", str(examples), "--request-timeout", "30", "--phases", "examples,coverage,fuzzing",
+           "-n", str(examples), "--request-timeout", "30", "--phases", "examples,fuzzing",
            "--report", "har", "--report-har-path", str(har), "--seed", "1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     entries = json.loads(har.read_text())["log"]["entries"] if har.exists() else []
