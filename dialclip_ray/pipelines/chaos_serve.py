@@ -106,7 +106,7 @@ def kill_under_load(deployment: str, allow_partial: bool, seconds: int = 40, use
         log = work / "requests.jsonl"
         log.unlink(missing_ok=True)
         before = replicas()
-        proc = start_locust(url, log, users=users, seconds=seconds, path=f"/{APP}", timeout_s=10,
+        proc = start_locust(url, log, users=users, seconds=seconds, path=f"/{APP}", timeout_s=30,
                             allow_partial=allow_partial)
         time.sleep(seconds / 4)
         victim = next(name for name, d in before.items() if d == deployment)
