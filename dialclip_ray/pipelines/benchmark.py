@@ -168,7 +168,7 @@ def check_variant(variant: str) -> None:
     from dialclip_ray.model.config import PRESETS
     from dialclip_ray.pipelines.experiments import VARIANTS
 
-    preset = "default" if variant == "dialclip" else variant
+    preset = "ungated" if variant == "dialclip" else variant  # "dialclip": the paper's form
     if variant not in VARIANTS or preset not in PRESETS:
         raise SystemExit(f"variant {variant!r} needs the model preset {preset!r}, which "
                          f"dialclip_ray/model/config.py PRESETS does not define (known: {', '.join(PRESETS)}); "
