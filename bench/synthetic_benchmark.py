@@ -56,6 +56,7 @@ from pathlib import Path
 from dialclip_ray.model.config import BackboneConfig
 from dialclip_ray.pipelines import benchmark as B
 from dialclip_ray.pipelines.experiments import ensure_corpus, ensure_small_clip, variant_config
+from dialclip_ray.pipelines.stages import Stages
 
 RESULTS = Path(__file__).resolve().parent / "results"
 HEADLINE = ("zeroshot", "finetune", "dialclip", "gated")  # --seeds seeds each; the others --ablation-seeds
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     cache = Path(args.cache)
     corpus_spec = B.QUICK_CORPUS if args.quick else B.BENCH_CORPUS
     backbone_spec = B.QUICK_BACKBONE if args.quick else B.BACKBONE
-    progress = B.Progress(6)
+    progress = Stages(6)
     load_start = os.getloadavg()
 
     progress("corpus: generate + prepare " + json.dumps({k: v for k, v in corpus_spec.items() if k != "dialogs"}))
@@ -187,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_start": load_start, "load_average_end": os.getloadavg(),
     }
     report = B.write_results(args.out, runs, facts, protocol)
-    progress.close()
+    progress.finish()
     print(B.markdown(report))
     print(f"wrote {B.rel(Path(args.out).with_suffix('.json'))} (.md, .png); results stage "
           f"{list(progress.seconds.values())[-1]:.0f}s, total {time.time() - progress.t0:.0f}s")

@@ -12,8 +12,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import glob
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import uuid
@@ -42,7 +44,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    sweep_stale_staging(path)
+    host = socket.gethostname().replace("-", "_")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.w-{host}-{os.getpid()}-", suffix=".tmp")
     os.close(fd)
     try:
         write(Path(tmp))
@@ -113,7 +117,8 @@ def publish_dir(tmp: str | os.PathLike, out: str | os.PathLike) -> Path:
             _fsync_dir(out.parent)
             _remove(tmp)  # now holds the old ``out``
             return out
-        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+        host = socket.gethostname().replace("-", "_")
+        old = out.with_name(f".{out.name}.old-{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         os.rename(out, old)
         try:
             os.rename(tmp, out)
@@ -128,12 +133,48 @@ def publish_dir(tmp: str | os.PathLike, out: str | os.PathLike) -> Path:
     return out
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def sweep_stale_staging(out: str | os.PathLike) -> list[Path]:
+    """Remove staging dirs and temp files beside ``out`` left by killed processes of this host.
+
+    Each is named ``.<out>.<tag>-<host>-<pid>-<random>``: one whose process is gone was
+    never published (SIGKILL skips every cleanup) and is never read, but would pile up. Dirs of
+    other hosts (a shared filesystem) and of live processes are left alone.
+    """
+    out = Path(out)
+    host = socket.gethostname().replace("-", "_")
+    removed = []
+    for path in out.parent.glob(f".{glob.escape(out.name)}.*-{glob.escape(host)}-*-*"):
+        try:
+            pid = int(path.name[len(f".{out.name}."):].split("-")[-2])
+        except (ValueError, IndexError):
+            continue
+        if not _alive(pid):
+            _remove(path)
+            removed.append(path)
+    return removed
+
+
 @contextlib.contextmanager
 def staging_dir(out: str | os.PathLike, tag: str = "building") -> Iterator[Path]:
-    """A hidden directory beside ``out`` to build into; published as ``out`` on success, removed on error."""
+    """A hidden directory beside ``out`` to build into; published as ``out`` on success, removed on error.
+
+    Leftovers of killed earlier attempts are swept first (``sweep_stale_staging``).
+    """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{tag}-", dir=out.parent))
+    sweep_stale_staging(out)
+    host = socket.gethostname().replace("-", "_")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{tag}-{host}-{os.getpid()}-", dir=out.parent))
     try:
         yield tmp
         publish_dir(tmp, out)

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import math
 import os
+import uuid
 from contextlib import AbstractContextManager
+from pathlib import Path
 from typing import Any, Callable, Iterable, Literal
 
 import torch
@@ -69,13 +71,16 @@ def ensure_ray(num_cpus: float = 1, num_gpus: int | None = None) -> None:
 
 def build_trainer(loop_fn: Callable[[dict], None], loop_config: dict[str, Any], *, name: str, storage_path: str,
                   workers: int, use_gpu: bool, max_failures: int, num_to_keep: int | None = None,
-                  score_attribute: str | None = None, callbacks: list | None = None):
+                  score_attribute: str | None = None, callbacks: list | None = None,
+                  placement_strategy: str = "PACK"):
     """The ``TorchTrainer`` of every training job (Ray Train V2).
 
     A fixed ``name`` under ``storage_path`` is what makes a rerun resume (``get_checkpoint``);
     ``max_failures`` restarts the worker group from its latest checkpoint; with
-    ``score_attribute`` the kept checkpoints are the highest-scoring ones.
+    ``score_attribute`` the kept checkpoints are the highest-scoring ones. The storage path must
+    be visible from every node (``check_shared_storage``); ``SPREAD`` puts workers on different nodes.
     """
+    check_shared_storage(storage_path)
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -83,10 +88,50 @@ def build_trainer(loop_fn: Callable[[dict], None], loop_config: dict[str, Any], 
                                    checkpoint_score_order="max")
     return TorchTrainer(
         loop_fn, train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, placement_strategy=placement_strategy),
         run_config=RunConfig(name=name, storage_path=str(storage_path),
                              failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=checkpoints, callbacks=callbacks))
+
+
+class StorageNotSharedError(ValueError):
+    """A local storage path on a cluster where some node cannot see it."""
+
+
+def check_shared_storage(storage_path: str, timeout_s: float = 60.0) -> None:
+    """Refuse a storage path that a node of a several-node cluster cannot see.
+
+    Checkpoints are written by workers and read back by the driver and by workers started on other
+    nodes after a failure, so on a real cluster ``storage_path`` must be a shared filesystem (NFS,
+    EFS, Lustre) mounted at the same path everywhere, or object storage (``s3://``, ``gs://``,
+    which Ray Train writes to directly). A local path is tested, not trusted: a marker written here
+    must be visible from a task pinned to every alive node. One node: nothing to check.
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    if "://" in storage_path or not ray.is_initialized():
+        return
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) < 2:
+        return
+    root = Path(storage_path).expanduser().resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    marker = root / f".storage-check-{uuid.uuid4().hex}"
+    marker.write_text("visible")
+    try:
+        probe = ray.remote(num_cpus=0)(lambda p: os.path.exists(p))
+        refs = {n["NodeManagerAddress"] + " " + n["NodeID"][:8]: probe.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(str(marker))
+            for n in nodes}
+        blind = [node for node, ref in refs.items() if not ray.get(ref, timeout=timeout_s)]
+    finally:
+        marker.unlink(missing_ok=True)
+    if blind:
+        raise StorageNotSharedError(
+            f"storage_path {root} is local to some nodes: {', '.join(blind)} cannot see it. On a cluster "
+            f"of several nodes use a shared filesystem mounted at the same path on every node, or "
+            f"object storage (s3://bucket/runs, gs://...)")
 
 
 def warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:

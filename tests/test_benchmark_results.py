@@ -85,3 +85,15 @@ def test_first_dialogs_keeps_whole_conversations():
     assert B.first_dialogs(recs, None) == recs and B.first_dialogs(recs, 100) == recs
     assert [r.id for r in B.first_dialogs(recs, 5)] == [r.id for r in recs[:8]]  # conversation 2 kept whole
     assert len(B.first_dialogs(recs, 4)) == 4 and len(B.first_dialogs(recs, 1)) == 4
+
+
+def test_committed_results_hold_no_absolute_paths():
+    """Results files are read on other machines: paths in them are repo-relative or placeholders."""
+    import re
+    from pathlib import Path
+
+    results = Path(__file__).resolve().parents[1] / "bench" / "results"
+    pattern = re.compile(r'"(/(?:home|root|tmp|work|Users|var|mnt|opt)/[^"]*)"')
+    offenders = {f.name: pattern.findall(f.read_text(errors="replace"))[:3]
+                 for f in sorted(results.glob("*")) if f.suffix in (".json", ".md", ".yaml")}
+    assert not {k: v for k, v in offenders.items() if v}

@@ -192,3 +192,29 @@ def test_copy_checkpoint_never_leaves_best_missing(tmp_path, monkeypatch):
     if not sys.platform.startswith("linux") or seen[:1] == [("no-exchange", True)]:
         pytest.skip(f"no renameat2(RENAME_EXCHANGE) here: publish_dir renames aside ({seen})")
     assert seen == [("exchange", True)]  # one atomic swap: best/ was never absent, no rename aside
+
+
+def test_leftovers_of_killed_writers_are_swept_and_live_ones_kept(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from dialclip_ray.fsio import atomic_write_text, staging_dir
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    host = socket.gethostname().replace("-", "_")
+    stale_dir = tmp_path / f".out.building-{host}-{dead_pid}-abcd1234"
+    stale_file = tmp_path / f".meta.json.w-{host}-{dead_pid}-abcd1234.tmp"
+    live_dir = tmp_path / f".out.building-{host}-{os.getpid()}-efgh5678"
+    other_host = tmp_path / f".out.building-elsewhere-{dead_pid}-ijkl9012"
+    for d in (stale_dir, live_dir, other_host):
+        d.mkdir()
+        (d / "part.parquet").write_bytes(b"half")
+    stale_file.write_text("{")
+    with staging_dir(tmp_path / "out") as tmp:
+        (tmp / "done").write_text("1")
+    atomic_write_text(tmp_path / "meta.json", "{}")
+    assert not stale_dir.exists() and not stale_file.exists()
+    assert live_dir.exists() and other_host.exists()  # a live writer and another host's are not ours to remove
+    assert (tmp_path / "out" / "done").read_text() == "1"

@@ -187,3 +187,20 @@ def test_domain_prompts_follow_the_build_seed(micro):
         pa, pb, pa2 = (getattr(m, name).prompts for m in (a, b, a2))
         assert not torch.equal(pa, pb), name
         assert torch.equal(pa, pa2), name
+
+
+def test_build_model_leaves_the_global_rng_alone():
+    import torch
+
+    from dialclip_ray.model.config import DialCLIPConfig
+    from dialclip_ray.model.dialclip import build_model
+
+    cfg = DialCLIPConfig(backbone={"model_name": "dialclip-micro"}, context_prompt_length=2, cpg_dim=16, cpg_heads=2)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    a, _ = build_model(cfg, seed=5)
+    assert torch.equal(torch.rand(3), expected)  # the caller's stream is where it was
+    b, _ = build_model(cfg, seed=5)
+    sa, sb = a.trainable_state_dict(), b.trainable_state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)  # and init is still seeded

@@ -34,9 +34,13 @@ def query(tiny, retrieval_type: int = 0):
     return q
 
 
-def test_gated_preset_is_default_plus_gate():
-    assert preset("gated") == DialCLIPConfig(prompt_gate=True)
-    assert DialCLIPConfig().prompt_gate is False
+def test_gated_is_the_default_and_ungated_the_papers_form():
+    assert preset("gated") == preset("default") == DialCLIPConfig() and DialCLIPConfig().prompt_gate is True
+    assert preset("ungated") == DialCLIPConfig(prompt_gate=False)
+    # a baseline has no prompts: unset means off, explicitly on is a contradiction
+    assert preset("finetune").prompt_gate is False and preset("zeroshot").prompt_gate is False
+    with pytest.raises(ValueError, match="no prompts to gate"):
+        preset("finetune", prompt_gate=True)
 
 
 @pytest.mark.parametrize("grad", [False, True])
@@ -61,7 +65,7 @@ def test_fresh_gated_model_equals_zero_shot_clip(tiny, grad):
         assert (model.encode_texts(tokens, normalize=False) - want_t).abs().max() < 1e-5
         assert (model.encode_images(images, normalize=False) - want_i).abs().max() < 1e-5
         # the same prompts without the gate move the embeddings far away (the paper's form)
-        ungated = build_model(preset("default", backbone=TINY), backbone=tiny)[0]
+        ungated = build_model(preset("ungated", backbone=TINY), backbone=tiny)[0]
         assert (ungated.encode_query(q, normalize=False) - want_q).abs().max() > 0.1
 
 

@@ -64,3 +64,30 @@ def test_shipped_search_spaces_validate(space):
 
     spec, base = load_space(Path(__file__).parent.parent / space)
     assert spec.params and base.model.variant == "dialclip"
+
+
+def test_resumed_trial_counts_its_epochs_from_its_checkpoints(tmp_path):
+    """After the sweep's driver died, Tune sees a resumed trial's reports from 1 again (1 row here);
+    the table reads the trial's own checkpoint history (3 epochs) and does not call it stopped early."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from dialclip_ray.model.checkpoint import save_checkpoint
+    from dialclip_ray.model.config import DialCLIPConfig
+    from dialclip_ray.model.dialclip import build_model
+    from dialclip_ray.tuning.report import trial_table
+    from dialclip_ray.tuning.space import SweepSpec
+
+    model, _ = build_model(DialCLIPConfig(backbone={"model_name": "dialclip-micro"}, context_prompt_length=2,
+                                          cpg_dim=16, cpg_heads=2))
+    history = [{"epoch": e, "val_sum": v} for e, v in ((1, 10.0), (2, 30.0), (3, 20.0))]
+    for epoch in (2, 3):  # Ray's checkpoint dirs, named by time
+        save_checkpoint(model, tmp_path / "trials" / "trial-abc" / f"checkpoint_2026-11-27_0{epoch}",
+                        extra={"epoch": epoch, "history": history[:epoch], "metrics": history[epoch - 1]})
+    spec = SweepSpec.model_validate({"base_config": "base.yaml", "epochs": 3,
+                                     "params": {"lr": {"loguniform": [1e-4, 1e-2]}}})
+    resumed = SimpleNamespace(metrics={"trial_id": "abc"}, path="x", config={"lr": 1e-3}, error=None,
+                              metrics_dataframe=pd.DataFrame([{"epoch": 3, "val_sum": 20.0, "training_iteration": 1}]))
+    row, = trial_table([resumed], spec, tmp_path / "trials")
+    assert row["epochs_run"] == 3 and not row["stopped_early"] and row["best_val_sum"] == 30.0

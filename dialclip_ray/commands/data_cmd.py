@@ -28,7 +28,9 @@ def _guard(handler: Callable[[argparse.Namespace], int | None]) -> Callable[[arg
 def _synth(args: argparse.Namespace) -> int:
     from dialclip_ray.data.synthetic import generate  # lazy: the generator pulls in image rendering
 
-    result = generate(args.out, dialogs=args.dialogs, seed=args.seed, image_size=args.image_size)
+    result = generate(args.out, dialogs=args.dialogs, seed=args.seed, image_size=args.image_size,
+                      photochat_sizes=args.photochat_sizes, mmdialog_sizes=args.mmdialog_sizes,
+                      caption_images=args.caption_images, overwrite=args.overwrite)
     if result is not None:
         print(json.dumps(result, indent=2, default=str) if isinstance(result, dict) else result)
     return 0
@@ -116,6 +118,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dialogs", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--photochat-sizes", type=int, nargs=3, metavar=("TRAIN", "DEV", "TEST"), default=None,
+                   help="PhotoChat-style dialogs per split (the benchmark: 4000 500 1000; then --dialogs is ignored)")
+    p.add_argument("--mmdialog-sizes", type=int, nargs=3, metavar=("TRAIN", "VALID", "TEST"), default=None,
+                   help="MMDialog-style conversations per split (the benchmark: 2800 360 720)")
+    p.add_argument("--caption-images", type=int, default=0,
+                   help="extra caption-only images to pretrain the small CLIP on (the benchmark: 30000)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.set_defaults(func=_guard(_synth))
 
     p = sub.add_parser("prepare", help="convert PhotoChat or MMDialog files into a canonical dataset dir",

@@ -31,6 +31,9 @@ def main(args: argparse.Namespace) -> int:
         return 2
     report = evaluate_checkpoints(checkpoints, args.data, args.split, args.out,
                                   distributed=not args.local, actors=args.actors, batch_size=args.batch_size,
-                                  max_examples=args.max_examples)
+                                  max_examples=args.max_examples, compare=not args.local)
     print(report["table"])
+    if report.get("comparison_table"):
+        print("\npaired differences, first model minus each other (95% bootstrap CI over the same queries):")
+        print(report["comparison_table"])
     return 0

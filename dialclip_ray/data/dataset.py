@@ -280,13 +280,15 @@ def collate_train(records: Sequence[ExampleRecord], tokenizer: Any, load_image: 
         raise ValueError(f"a training batch needs one target type, got {sorted(types)}")
     ttype = types.pop()
     query = build_query_batch(records, tokenizer, load_image, cfg, features)
+    ids = tuple(r.id for r in records)
     if ttype == "image":
-        return TrainBatch(query, ttype, target_images=torch.stack([load_image(r.target_id) for r in records]))
+        return TrainBatch(query, ttype, target_images=torch.stack([load_image(r.target_id) for r in records]),
+                          example_ids=ids)
     missing = [r.id for r in records if r.target_text is None]
     if missing:
         raise ValueError(f"text targets without target_text (load records via CanonicalDataset): {missing[:3]}")
     return TrainBatch(query, ttype, target_tokens=tokenize_texts(tokenizer, [r.target_text for r in records],
-                                                                 cfg.context_length))
+                                                                 cfg.context_length), example_ids=ids)
 
 
 class DialogTorchDataset(torch.utils.data.Dataset):
@@ -303,12 +305,38 @@ class DialogTorchDataset(torch.utils.data.Dataset):
         return self.records[index]
 
 
+class EpochSampler(torch.utils.data.DistributedSampler):
+    """A rank's share of a per-epoch seeded shuffle that can start part-way through an epoch.
+
+    The order of epoch ``e`` depends only on ``(seed, e)``, never on how many epochs ran before in
+    this process, so a run resumed from a checkpoint sees exactly the batches an uninterrupted run
+    would. ``set_position(epoch, skip)`` drops the first ``skip`` samples of this rank's share: the
+    examples of the batches already trained on before a mid-epoch checkpoint.
+    """
+
+    def __init__(self, dataset, rank: int = 0, world: int = 1, seed: int = 0, shuffle: bool = True):
+        super().__init__(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
+        self.skip = 0
+
+    def set_position(self, epoch: int, skip: int = 0) -> None:
+        self.set_epoch(epoch)
+        self.skip = skip
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.skip:])
+
+    def __len__(self) -> int:
+        return max(0, self.num_samples - self.skip)
+
+
 def make_train_loader(dataset: CanonicalDataset, split: str, target_type: str, tokenizer: Any,
                       image_transform: Callable, cfg: ReaderConfig, batch_size: int, shuffle: bool = True,
                       seed: int = 0, sampler: torch.utils.data.Sampler | None = None, num_workers: int = 0,
                       drop_last: bool = False, max_examples: int | None = None,
-                      features: FeatureStore | None = None) -> torch.utils.data.DataLoader:
-    """DataLoader of TrainBatch for one split and target type (pass a DistributedSampler for DDP)."""
+                      features: FeatureStore | None = None, rank: int = 0, world: int = 1
+                      ) -> torch.utils.data.DataLoader:
+    """DataLoader of TrainBatch for one split and target type; the default sampler is one ``EpochSampler``
+    (call its ``set_position`` each epoch), sharded by ``rank`` of ``world`` for DDP."""
     if target_type not in TARGET_TYPES:
         raise ValueError(f"target_type must be one of {TARGET_TYPES}, got {target_type!r}")
     data = DialogTorchDataset(dataset, split, target_type)
@@ -318,9 +346,8 @@ def make_train_loader(dataset: CanonicalDataset, split: str, target_type: str, t
         raise ValueError(f"{dataset.directory}: split {split!r} has no {target_type} examples")
     collate = partial(collate_train, tokenizer=tokenizer, load_image=image_loader(dataset, image_transform), cfg=cfg,
                       features=features)
-    generator = torch.Generator().manual_seed(seed)
-    return torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=shuffle and sampler is None,
-                                       sampler=sampler, generator=generator, collate_fn=collate,
+    sampler = sampler if sampler is not None else EpochSampler(data, rank, world, seed=seed, shuffle=shuffle)
+    return torch.utils.data.DataLoader(data, batch_size=batch_size, sampler=sampler, collate_fn=collate,
                                        num_workers=num_workers, drop_last=drop_last)
 
 

@@ -103,11 +103,14 @@ def embed_with_ray(checkpoint: str, dataset_dir: str, kind: str, keys: list[str]
 
 
 def evaluate_with_ray(checkpoint: str | Path, dataset_dir: str | Path, split: str, actors: int = 2,
-                      batch_size: int = 64, max_examples: int | None = None, features: str = "auto") -> dict:
+                      batch_size: int = 64, max_examples: int | None = None, features: str = "auto",
+                      return_ranks: bool = False) -> dict:
     """The metrics of ``evaluation.evaluate_model``, with all embedding done in one Ray Data pass.
 
     ``features``: ``auto`` builds the dataset's frozen feature store when missing and reads
     context features from it; ``require`` insists on an existing one; ``off`` runs the towers.
+    ``return_ranks`` adds ``ranks`` ({retrieval type: the rank of every query, data order}), which
+    is what paired comparisons between models need.
     """
     from dialclip_ray.model.checkpoint import read_checkpoint
     from dialclip_ray.model.config import DialCLIPConfig
@@ -125,11 +128,15 @@ def evaluate_with_ray(checkpoint: str | Path, dataset_dir: str | Path, split: st
     items += list(dict.fromkeys((t, c) for t, (_, pool) in plan.items() for c in pool))
     found = embed_many_with_ray(checkpoint, dataset_dir, items, split, actors, batch_size,
                                 features="off" if features == "off" else "require")
-    per_type = {}
+    per_type, all_ranks = {}, {}
     for target_type, (records, pool_ids) in plan.items():
         queries = np.stack([found[("query", r.id)] for r in records])
         pool = np.stack([found[(target_type, c)] for c in pool_ids])
         ranks = ranks_for(queries, records, pool_ids, pool)
         name = RETRIEVAL_TYPES[TARGET_TYPES.index(target_type)]
         per_type.update(grouped_metrics(ranks, [name] * len(ranks)))
-    return summarise(per_type)
+        all_ranks[name] = [int(x) for x in ranks]
+    out = summarise(per_type)
+    if return_ranks:
+        out["ranks"] = all_ranks
+    return out

@@ -26,13 +26,13 @@ from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 from open_clip.transformer import VisionTransformer
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
-OUR_MODELS = ("dialclip-micro", "dialclip-tiny")
+OUR_MODELS = tuple(sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json")))  # micro, small, tiny
 _registered = False
 RANDOM_INIT_SEED = 0
 
 
 def register_model_configs() -> None:
-    """Make ``dialclip-micro`` / ``dialclip-tiny`` known to open_clip (idempotent)."""
+    """Make our small configs (``OUR_MODELS``: dialclip-micro / -tiny / -small) known to open_clip (idempotent)."""
     global _registered
     if not _registered:
         open_clip.add_model_config(MODEL_CONFIG_DIR)

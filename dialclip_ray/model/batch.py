@@ -76,11 +76,12 @@ class TrainBatch:
     target_type: str
     target_images: torch.Tensor | None = None  # [B, 3, H, W] when target_type == "image"
     target_tokens: torch.Tensor | None = None  # [B, L] when target_type == "text"
+    example_ids: tuple[str, ...] = ()  # which examples this batch holds (audit of the data order)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "TrainBatch":
         move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
         return TrainBatch(self.query.to(device, non_blocking), self.target_type,
-                          move(self.target_images), move(self.target_tokens))
+                          move(self.target_images), move(self.target_tokens), self.example_ids)
 
     def __len__(self) -> int:
         return len(self.query)

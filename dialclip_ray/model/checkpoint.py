@@ -31,6 +31,10 @@ class BackboneMismatchError(ValueError):
     pass
 
 
+class CorruptCheckpointError(ValueError):
+    """A checkpoint file that exists but cannot be read (truncated, overwritten, not ours)."""
+
+
 def checkpoint_meta(model: DialCLIP, extra: dict | None = None) -> dict:
     return {"format_version": FORMAT_VERSION, "config": model.cfg.model_dump(mode="json"),
             "backbone": dict(model.identity), "params": parameter_report(model).as_dict(),
@@ -53,9 +57,13 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tens
     file = path / WEIGHTS_FILE if path.is_dir() else path
     if not file.is_file():
         raise FileNotFoundError(f"no DialCLIP checkpoint at {path} (expected {WEIGHTS_FILE})")
-    payload = torch.load(file, map_location="cpu", weights_only=True)
+    try:
+        payload = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, garbage bytes, a pickle with code in it: all unreadable
+        raise CorruptCheckpointError(f"{file}: checkpoint file is truncated or corrupt ({file.stat().st_size} bytes; "
+                                     f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc
     if not isinstance(payload, dict) or "meta_json" not in payload or "state" not in payload:
-        raise ValueError(f"{file}: not a DialCLIP checkpoint (missing meta_json/state)")
+        raise CorruptCheckpointError(f"{file}: not a DialCLIP checkpoint (missing meta_json/state)")
     meta = json.loads(payload["meta_json"])
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{file}: checkpoint format {meta.get('format_version')} != {FORMAT_VERSION}")

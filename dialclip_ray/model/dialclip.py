@@ -216,7 +216,8 @@ def build_model(cfg: DialCLIPConfig, backbone: Backbone | None = None, device: s
     """
     if backbone is None:
         backbone = load_backbone(cfg.backbone.model_name, cfg.backbone.pretrained, device="cpu")
-    torch.manual_seed(seed)
     identity = {"model_name": backbone.model_name, "pretrained": backbone.pretrained}
-    model = DialCLIP(backbone.model, cfg, tokenizer=backbone.tokenizer, backbone_identity=identity, seed=seed)
+    with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG stream
+        torch.manual_seed(seed)
+        model = DialCLIP(backbone.model, cfg, tokenizer=backbone.tokenizer, backbone_identity=identity, seed=seed)
     return model.to(device), backbone

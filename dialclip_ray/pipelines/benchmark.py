@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,27 +67,6 @@ def rel(path: str | os.PathLike | None) -> str | None:
         return str(p.relative_to(REPO))
     except ValueError:
         return os.path.relpath(p, REPO)
-
-
-class Progress:
-    """One line per stage: ``[k/n] what (previous stage took s)``; keeps the seconds of each stage."""
-
-    def __init__(self, total: int):
-        self.total, self.k, self.t0 = total, 0, time.time()
-        self.seconds: dict[str, float] = {}
-        self._name: str | None = None
-        self._start = self.t0
-
-    def __call__(self, name: str) -> None:
-        self.close()
-        self.k += 1
-        self._name, self._start = name, time.time()
-        print(f"[{self.k}/{self.total}] {name}  (elapsed {time.time() - self.t0:.0f}s)", flush=True)
-
-    def close(self) -> None:
-        if self._name is not None:
-            self.seconds[self._name] = round(time.time() - self._start, 1)
-            self._name = None
 
 
 # ----------------------------------------------------------------------------------------------- ranks
@@ -190,7 +168,7 @@ def check_variant(variant: str) -> None:
     from dialclip_ray.model.config import PRESETS
     from dialclip_ray.pipelines.experiments import VARIANTS
 
-    preset = "default" if variant == "dialclip" else variant
+    preset = "ungated" if variant == "dialclip" else variant  # "dialclip": the paper's form
     if variant not in VARIANTS or preset not in PRESETS:
         raise SystemExit(f"variant {variant!r} needs the model preset {preset!r}, which "
                          f"dialclip_ray/model/config.py PRESETS does not define (known: {', '.join(PRESETS)}); "

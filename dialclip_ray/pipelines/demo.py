@@ -18,6 +18,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from dialclip_ray.pipelines.stages import Stages
+
 
 class DemoConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -46,31 +48,7 @@ TINY = dict(dialogs=40, image_size=32, model_name="dialclip-micro", pretrain_epo
             max_train_examples=24, max_val_examples=12, queries=2, shards=2)
 
 
-class Stage:
-    """Prints numbered stage headers with their durations, so progress is visible."""
-
-    def __init__(self, total: int):
-        self.total, self.n, self.t0, self.times = total, 0, None, {}
-        self.name = None
-
-    def __call__(self, name: str) -> None:
-        self._close()
-        self.n += 1
-        self.name, self.t0 = name, time.time()
-        print(f"\n=== [{self.n}/{self.total}] {name}", flush=True)
-
-    def _close(self) -> None:
-        if self.name:
-            self.times[self.name] = time.time() - self.t0
-            print(f"    done in {self.times[self.name]:.1f}s", flush=True)
-
-    def finish(self) -> dict:
-        self._close()
-        self.name = None
-        return self.times
-
-
-def _train_variants(cfg: DemoConfig, stage: "Stage", corpus, backbone, runs: Path, clip) -> tuple[dict, dict, dict]:
+def _train_variants(cfg: DemoConfig, stage: Stages, corpus, backbone, runs: Path, clip) -> tuple[dict, dict, dict]:
     """Stages 3-4: DialCLIP and full fine-tuning with Ray Train; zero-shot CLIP saved as a checkpoint."""
     from dialclip_ray.model.checkpoint import save_checkpoint
     from dialclip_ray.model.dialclip import build_model
@@ -96,7 +74,7 @@ def _train_variants(cfg: DemoConfig, stage: "Stage", corpus, backbone, runs: Pat
     return checkpoints, histories, run_dirs
 
 
-def _evaluate_index_serve(cfg: DemoConfig, stage: "Stage", corpus, checkpoints: dict, out: Path
+def _evaluate_index_serve(cfg: DemoConfig, stage: Stages, corpus, checkpoints: dict, out: Path
                           ) -> tuple[dict, str, list]:
     """Stages 5-7: Ray Data evaluation, the sharded index, the Serve app and real HTTP queries."""
     from ray import serve
@@ -110,8 +88,9 @@ def _evaluate_index_serve(cfg: DemoConfig, stage: "Stage", corpus, checkpoints: 
     evaluation = {}
     for name, data in (("photochat", corpus.photochat), ("mmdialog", corpus.mmdialog)):
         evaluation[name] = evaluate_checkpoints(checkpoints, str(data), "test", str(out / f"eval_{name}"),
-                                                distributed=True, actors=cfg.actors)
+                                                distributed=True, actors=cfg.actors, compare=True)
         print(evaluation[name]["table"])
+        print(evaluation[name].get("comparison_table", ""))
 
     stage(f"sharded FAISS index of every candidate ({cfg.shards} shards)")
     index_dir = out / "index"
@@ -158,7 +137,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     out = Path(cfg.out) / datetime.now().strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     cache = Path(cfg.cache)
-    stage = Stage(8)
+    stage = Stages(8)
     owns_ray = not ray.is_initialized()
     ensure_ray(num_cpus=max(cfg.workers, cfg.actors))
     try:

@@ -119,6 +119,9 @@ def write_report(out: Path, summary: dict, evaluation: dict, histories: dict, an
              "", "## Test metrics (Ray Data evaluation)", ""]
     for name, ev in evaluation.items():
         lines += [f"### {name}", "", ev["table"], ""]
+        if ev.get("comparison_table"):
+            lines += ["Paired differences on the same test queries (95% bootstrap CI over queries; "
+                      "decided = the interval excludes 0):", "", ev["comparison_table"], ""]
     lines += ["## Training curves", "", "![training curves](training_curves.png)", "",
               "## What the served model retrieves", "", "![contact sheet](contact_sheet.png)", ""]
     for a in answers:

@@ -27,7 +27,10 @@ def parse_named(specs: list[str]) -> dict[str, str]:
 
 def evaluate_checkpoints(checkpoints: dict[str, str], data: str, split: str = "test", out: str | None = None,
                          distributed: bool = True, actors: int = 2, batch_size: int = 64,
-                         max_examples: int | None = None) -> dict:
+                         max_examples: int | None = None, compare: bool = False) -> dict:
+    """Evaluate each named checkpoint on ``data``; with ``compare`` (distributed only), also the paired
+    difference of the first model against each other one, per retrieval type, on the same queries
+    (Sum and R@1, 95% bootstrap CI over queries): ``report["comparisons"]`` and its Markdown table."""
     results, rows = {}, {}
     for name, path in checkpoints.items():
         t0 = time.time()
@@ -36,7 +39,7 @@ def evaluate_checkpoints(checkpoints: dict[str, str], data: str, split: str = "t
             from dialclip_ray.runtime import ensure_ray
 
             ensure_ray(num_cpus=actors)
-            res = evaluate_with_ray(path, data, split, actors, batch_size, max_examples)
+            res = evaluate_with_ray(path, data, split, actors, batch_size, max_examples, return_ranks=compare)
         else:
             from dialclip_ray.model.checkpoint import load_checkpoint
             from dialclip_ray.data.dataset import CanonicalDataset
@@ -52,9 +55,39 @@ def evaluate_checkpoints(checkpoints: dict[str, str], data: str, split: str = "t
             rows[f"{name} ({rtype})"] = m
     table = markdown_table(rows, title=f"model (split {split})")
     report = {"data": str(data), "split": split, "results": results, "table": table}
+    if compare and all("ranks" in r for r in results.values()):
+        report["comparisons"] = paired_comparisons({n: r.pop("ranks") for n, r in results.items()})
+        report["comparison_table"] = comparison_table(report["comparisons"])
+        table += "\n\n" + report["comparison_table"]
     if out:
         out_dir = Path(out)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "eval.json").write_text(json.dumps(report, indent=2))
         (out_dir / "eval.md").write_text(table + "\n")
     return report
+
+
+def paired_comparisons(ranks: dict[str, dict[str, list[int]]]) -> list[dict]:
+    """The first model minus each other one, per retrieval type: Sum and R@1 with 95% CIs (same queries)."""
+    from dialclip_ray.evaluation.stats import paired_differences
+
+    names = list(ranks)
+    rows = []
+    for other in names[1:]:
+        for rtype in ranks[names[0]]:
+            if rtype not in ranks[other]:
+                continue
+            diffs = paired_differences(ranks[names[0]][rtype], ranks[other][rtype], ("Sum", "R@1"))
+            for metric, d in diffs.items():
+                rows.append({"a": names[0], "b": other, "retrieval_type": rtype, "metric": metric,
+                             "diff": round(d.diff, 2), "ci95": [round(x, 2) for x in d.ci95],
+                             "queries": d.n_queries, "decided": d.significant})
+    return rows
+
+
+def comparison_table(rows: list[dict]) -> str:
+    lines = ["| a - b | retrieval | metric | diff | 95% CI | queries | decided |", "|---|---|---|---:|---|---:|---|"]
+    lines += [f"| {r['a']} - {r['b']} | {r['retrieval_type']} | {r['metric']} | {r['diff']:+.2f} | "
+              f"[{r['ci95'][0]:+.2f}, {r['ci95'][1]:+.2f}] | {r['queries']} | {'yes' if r['decided'] else 'no'} |"
+              for r in rows]
+    return "\n".join(lines)

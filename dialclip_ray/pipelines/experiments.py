@@ -106,7 +106,7 @@ def variant_config(variant: str, corpus: Corpus, backbone: BackboneConfig, stora
     """The training config of one variant; the run name hashes it, so identical configs share a run."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; known: {VARIANTS}")
-    preset = "default" if variant == "dialclip" else variant
+    preset = "ungated" if variant == "dialclip" else variant  # "dialclip": the paper's form
     model = DialCLIPConfig(**merge_preset({**(model_overrides or {}), "preset": preset, "backbone": backbone}))
     cfg = TrainConfig(
         model=model,

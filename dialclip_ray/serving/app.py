@@ -84,12 +84,15 @@ def build_app(args: AppArgs | dict) -> Application:
     def resources(cpus: float, gpus: float) -> dict:
         return {"num_cpus": cpus, **({"num_gpus": gpus} if args.use_gpu and gpus else {})}
 
-    encoder = QueryEncoder.options(ray_actor_options=resources(args.encoder_cpus, args.encoder_gpus)).bind(
+    scaling = {"autoscaling_config": args.encoder_autoscaling.model_dump()} if args.encoder_autoscaling else {}
+    encoder = QueryEncoder.options(ray_actor_options=resources(args.encoder_cpus, args.encoder_gpus), **scaling).bind(
         args.checkpoint, corpus_dirs, layout.identity, layout.dim, args.use_gpu, args.encoder_threads,
         args.max_image_pixels, args.feature_cache_entries, args.max_request_pixels, args.encoder_pixel_budget,
         args.decode_threads)
     # One deployment per shard of *this* index, all with the same options (a replica holds one shard).
-    shards = [IndexShard.options(name=f"Shard{i}", ray_actor_options=resources(args.shard_cpus, args.shard_gpus),
+    shards = [IndexShard.options(name=f"Shard{i}", ray_actor_options={
+                                     **resources(args.shard_cpus, args.shard_gpus),
+                                     **({"resources": args.shard_resources[i]} if i in args.shard_resources else {})},
                                  max_ongoing_requests=args.shard_max_ongoing_requests,
                                  autoscaling_config=args.shard_autoscaling.model_dump()).bind(
         args.index_dir, i, layout.identity, args.use_gpu, args.shard_threads, args.shard_delay_s.get(i, 0.0))

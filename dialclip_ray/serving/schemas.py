@@ -171,9 +171,12 @@ class ErrorResponse(BaseModel):
 
 
 class AutoscalingArgs(_Strict):
+    """Serve's autoscaling_config for one deployment (the delays are Serve's defaults)."""
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(4, ge=1)
     target_ongoing_requests: float = Field(2, gt=0)
+    upscale_delay_s: float = Field(30.0, ge=0, description="load above target this long before adding a replica")
+    downscale_delay_s: float = Field(600.0, ge=0, description="load below target this long before removing one")
 
     @model_validator(mode="after")
     def _order(self) -> "AutoscalingArgs":
@@ -220,6 +223,12 @@ class AppArgs(_Strict):
     shard_threads: int = Field(1, ge=1)
     shard_max_ongoing_requests: int = Field(8, ge=1, description="per shard replica")
     shard_autoscaling: AutoscalingArgs = Field(default_factory=AutoscalingArgs)
+    encoder_autoscaling: AutoscalingArgs | None = Field(
+        None, description="QueryEncoder autoscaling (None: one replica, or what the Serve config's "
+        "deployments section says)")
+    shard_resources: dict[int, dict[str, float]] = Field(
+        default_factory=dict, description="extra Ray resources per shard index, e.g. {1: {node_b: 0.01}} to "
+        "place Shard1 on the node that offers the custom resource node_b")
     shard_delay_s: dict[int, float] = Field(default_factory=dict,
                                             description="artificial latency per shard (tests, straggler benchmarks)")
 

@@ -59,6 +59,13 @@ class RunSection(BaseModel):
     amp: Literal["bf16", "fp16", "none"] = "bf16"  # used on GPU only
     seed: int = 0
     max_failures: int = Field(1, ge=0)
+    checkpoint_every_steps: int | None = Field(
+        None, ge=1, description="also checkpoint every N optimizer steps inside an epoch, so a failure "
+        "costs at most N steps; a resumed run continues at the next batch of that epoch")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="where the workers go: PACK fills a node first, SPREAD puts them on different nodes")
+    example_log: bool = Field(False, description="append each step's example ids to "
+                              "<storage>/<name>/example_log/rank<R>.jsonl (audit the data order across resumes)")
     num_to_keep: int | None = Field(None, ge=1, description="checkpoints kept (None = all; they are small)")
     threads_per_worker: int | None = Field(None, ge=1)
 
@@ -86,8 +93,10 @@ class TrainConfig(BaseModel):
 
 
 def resolve_paths(cfg: TrainConfig) -> TrainConfig:
-    """Absolute data and local-backbone paths: Ray workers do not share the driver's working directory."""
+    """Absolute data, storage and local-backbone paths: Ray workers do not share the driver's working directory."""
     cfg.data.train = [str(Path(p).expanduser().resolve()) for p in cfg.data.train]
+    if "://" not in cfg.run.storage_path:  # object storage (s3://, gs://) stays as given
+        cfg.run.storage_path = str(Path(cfg.run.storage_path).expanduser().resolve())
     pretrained = cfg.model.backbone.pretrained
     if pretrained and Path(pretrained).expanduser().exists():
         cfg.model.backbone.pretrained = str(Path(pretrained).expanduser().resolve())

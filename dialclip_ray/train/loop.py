@@ -18,13 +18,14 @@ import resource
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
 from dialclip_ray.model.batch import TARGET_TYPES
-from dialclip_ray.model.checkpoint import read_checkpoint, save_checkpoint
+from dialclip_ray.model.checkpoint import CorruptCheckpointError, read_checkpoint, save_checkpoint
 from dialclip_ray.data.dataset import CanonicalDataset, ReaderConfig, make_train_loader
 from dialclip_ray.evaluation.local import evaluate_model
 from dialclip_ray.features.store import FeatureStore, open_for_model
@@ -43,8 +44,12 @@ def _interleave(lengths: list[int]) -> list[int]:
 
 
 def build_loaders(cfg: TrainConfig, backbone, reader: ReaderConfig, prepare,
-                  stores: dict[str, FeatureStore | None] | None = None) -> list:
-    """One loader per dataset and target type; ``stores`` maps a dataset dir to its frozen feature store."""
+                  stores: dict[str, FeatureStore | None] | None = None, rank: int = 0, world: int = 1) -> list:
+    """One loader per dataset and target type; ``stores`` maps a dataset dir to its frozen feature store.
+
+    Each loader's sampler is an ``EpochSampler`` sharded by rank (so ``prepare`` must not add its own):
+    an epoch's order is a function of (seed, epoch), which is what makes resuming exact.
+    """
     loaders = []
     for path in cfg.data.train:
         ds = CanonicalDataset.load(path)
@@ -55,7 +60,7 @@ def build_loaders(cfg: TrainConfig, backbone, reader: ReaderConfig, prepare,
                                        reader, cfg.optim.batch_size, shuffle=True, seed=cfg.run.seed,
                                        num_workers=cfg.data.loader_workers, drop_last=True,
                                        max_examples=cfg.data.max_train_examples,
-                                       features=(stores or {}).get(path))
+                                       features=(stores or {}).get(path), rank=rank, world=world)
             loaders.append(prepare(loader))
     if not loaders:
         raise ValueError(f"no training examples in split {cfg.data.train_split!r} of {cfg.data.train}")
@@ -97,6 +102,8 @@ class _Worker:
     first_step_unix: float | None = None
     launched_unix: float | None = None   # when the driver called fit(): start-up = first step - this
     setup_seconds: float | None = None
+    example_log: Any = None  # open text file when run.example_log is on
+    node: str = ""  # Ray node id (several-node runs: which node did what)
 
 
 def _setup(loop_config: dict) -> _Worker:
@@ -125,21 +132,35 @@ def _setup(loop_config: dict) -> _Worker:
                    optimizer, stores, [])
 
 
-def _restore(w: _Worker, scheduler) -> tuple[int, int, list[dict]]:
-    """(start epoch, step, history) from Ray Train's latest checkpoint of this run, else a fresh start.
+@dataclass
+class _Position:
+    """Where training stands: ``epoch`` epochs complete, ``batch`` batches of the next one done."""
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0
+    history: list = field(default_factory=list)
+    epoch_losses: list = field(default_factory=list)  # losses of the epoch in progress (mid-epoch resume)
 
-    Weights, optimizer and LR scheduler come back from their state dicts. A checkpoint written
-    before the scheduler was saved sets the schedule's position from its step count instead.
+
+def _restore(w: _Worker, scheduler) -> _Position:
+    """The position, weights, optimizer, scheduler and RNG state of the latest readable checkpoint.
+
+    Ray Train hands over its latest checkpoint; if that one is unreadable (truncated, corrupt), the
+    error names the file and the run falls back to the newest good checkpoint in its storage dir.
     """
     import ray.train
 
     restored = ray.train.get_checkpoint()
     if restored is None:
-        return 0, 0, []
+        return _Position()
     with restored.as_directory() as d:
-        _, state = read_checkpoint(d)
-        w.model.load_state_dict(state, strict=False)
-        train_state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+        loaded = _load_state(Path(d))
+    if loaded is None:
+        loaded = _fallback_state(w.cfg)
+    if loaded is None:
+        raise RuntimeError(f"run {w.cfg.run.name}: no readable checkpoint to resume from (see the errors above)")
+    state, train_state = loaded
+    w.model.load_state_dict(state, strict=False)
     step = int(train_state["step"])
     if w.optimizer is not None and train_state.get("optimizer"):
         w.optimizer.load_state_dict(train_state["optimizer"])
@@ -148,20 +169,66 @@ def _restore(w: _Worker, scheduler) -> tuple[int, int, list[dict]]:
     elif scheduler is not None and step:  # legacy checkpoint: jump to the step (closed-form schedule)
         scheduler.last_epoch = step - 1
         scheduler.step()
-    return int(train_state["epoch"]), step, json.loads(train_state["history_json"])
+    rng = train_state.get("torch_rng")
+    if rng:  # augmentation draws continue as if never interrupted (same world size: each rank its own)
+        torch.set_rng_state(rng[w.rank] if w.rank < len(rng) else rng[0])
+    return _Position(int(train_state["epoch"]), int(train_state.get("batch_in_epoch", 0)), step,
+                     json.loads(train_state["history_json"]), list(train_state.get("epoch_losses", [])))
 
 
-def _train_epoch(w: _Worker, ddp, loaders: list, amp: AmpStep, scheduler, epoch: int, step: int
-                 ) -> tuple[list[float], int]:
-    """One pass over every loader in the fixed interleaved order; returns (step losses, step count)."""
-    for dl in loaders:
-        if hasattr(dl.sampler, "set_epoch"):
-            dl.sampler.set_epoch(epoch)
+def _load_state(directory: Path) -> tuple[dict, dict] | None:
+    """(model state, training state) of one checkpoint dir, or None (with the reason printed) if unreadable."""
+    try:
+        _, state = read_checkpoint(directory)
+        file = directory / STATE_FILE
+        try:
+            train_state = torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise CorruptCheckpointError(f"{file}: training state is truncated or corrupt "
+                                         f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc
+        return state, train_state
+    except (CorruptCheckpointError, FileNotFoundError) as exc:
+        print(f"[dialclip] cannot resume from {directory}: {exc}", flush=True)
+        return None
+
+
+def _fallback_state(cfg: TrainConfig) -> tuple[dict, dict] | None:
+    """The newest readable checkpoint of this run in its storage dir (newest first by position)."""
+    run_dir = Path(cfg.run.storage_path) / cfg.run.name
+    candidates = []
+    for meta in run_dir.glob(f"checkpoint_*/{STATE_FILE}"):
+        candidates.append(meta.parent)
+    for directory in sorted(candidates, key=lambda d: d.name, reverse=True):  # Ray names them by time
+        loaded = _load_state(directory)
+        if loaded is not None:
+            print(f"[dialclip] resuming from the previous good checkpoint {directory}", flush=True)
+            return loaded
+    return None
+
+
+def _epoch_order(loaders: list, epoch: int, skip: int) -> list[int]:
+    """The epoch's interleaved batch order after its first ``skip`` batches; samplers positioned to match."""
+    full = [dl.sampler.num_samples // dl.batch_size if dl.drop_last else -(-dl.sampler.num_samples // dl.batch_size)
+            for dl in loaders]
+    order = _interleave(full)
+    for i, dl in enumerate(loaders):
+        dl.sampler.set_position(epoch, order[:skip].count(i) * dl.batch_size)
+    return order[skip:]
+
+
+def _train_epoch(w: _Worker, ddp, loaders: list, amp: AmpStep, scheduler, epoch: int, pos: "_Position",
+                 checkpoint: "Callable[[_Position], None]") -> "_Position":
+    """One pass over every loader in the fixed interleaved order, from batch ``pos.batch`` of ``epoch``.
+
+    Every ``run.checkpoint_every_steps`` steps (not at the epoch's end, which has its own checkpoint
+    with validation) ``checkpoint`` is called with the position reached.
+    """
     ddp.train()
+    order = _epoch_order(loaders, epoch, pos.batch)
     iters = [iter(dl) for dl in loaders]
-    order = _interleave([len(dl) for dl in loaders])
-    progress = _progress(len(order), f"epoch {epoch + 1}/{w.cfg.optim.epochs}", w.rank)
-    losses = []
+    done = pos.batch + len(order)
+    progress = _progress(done, f"epoch {epoch + 1}/{w.cfg.optim.epochs}", w.rank, initial=pos.batch)
+    every = w.cfg.run.checkpoint_every_steps
     for which in order:
         t0 = time.perf_counter()
         w.first_step_unix = w.first_step_unix or time.time()
@@ -170,12 +237,18 @@ def _train_epoch(w: _Worker, ddp, loaders: list, amp: AmpStep, scheduler, epoch:
             loss = ddp(batch)["loss"]
         amp.backward_and_step(loss, w.optimizer, scheduler)
         w.step_seconds.append(time.perf_counter() - t0)
-        step += 1
-        losses.append(loss.item())
+        pos.step, pos.batch = pos.step + 1, pos.batch + 1
+        pos.epoch_losses.append(loss.item())
+        if w.example_log is not None:
+            w.example_log.write(json.dumps({"epoch": epoch, "batch": pos.batch, "step": pos.step, "t": time.time(),
+                                            "pid": os.getpid(), "node": w.node, "ids": list(batch.example_ids)}) + "\n")
+            w.example_log.flush()
         progress.update(1)
-        progress.set_postfix(loss=f"{losses[-1]:.3f}")
+        progress.set_postfix(loss=f"{pos.epoch_losses[-1]:.3f}")
+        if every and pos.step % every == 0 and pos.batch < done:
+            checkpoint(pos)
     progress.close()
-    return losses, step
+    return pos
 
 
 def _epoch_metrics(w: _Worker, epoch: int, step: int, losses: list[float], seconds: float, params: dict) -> dict:
@@ -202,52 +275,84 @@ def _timing(w: _Worker) -> dict:
     return out
 
 
-def _report(w: _Worker, metrics: dict, history: list[dict], step: int, scheduler) -> None:
-    """Every rank reports (a barrier); rank 0 attaches the checkpoint with weights and training state."""
+def _report(w: _Worker, metrics: dict, pos: _Position, scheduler) -> None:
+    """Every rank reports (a barrier); rank 0 attaches the checkpoint with weights and training state.
+
+    ``pos.batch == 0`` is an epoch-end checkpoint (validated); otherwise a mid-epoch one, marked
+    ``partial`` and never chosen as the best.
+    """
     import ray.train
     from ray.train import Checkpoint
 
+    rng = _gather_rng(w)
     if w.rank != 0:
         ray.train.report(metrics)
         return
+    partial = pos.batch > 0
     with tempfile.TemporaryDirectory() as tmp:
-        save_checkpoint(w.model, tmp, extra={"epoch": metrics["epoch"], "metrics": metrics, "history": history,
+        save_checkpoint(w.model, tmp, extra={"epoch": pos.epoch, "batch_in_epoch": pos.batch, "partial": partial,
+                                             "metrics": metrics, "history": pos.history,
                                              "train_config": w.cfg.model_dump(mode="json")})
-        torch.save({"epoch": metrics["epoch"], "step": step, "history_json": json.dumps(history),
+        torch.save({"epoch": pos.epoch, "batch_in_epoch": pos.batch, "step": pos.step,
+                    "epoch_losses": pos.epoch_losses if partial else [],
+                    "history_json": json.dumps(pos.history), "torch_rng": rng,
                     "optimizer": w.optimizer.state_dict() if w.optimizer is not None else {},
                     "scheduler": scheduler.state_dict() if scheduler is not None else {}},
                    Path(tmp) / STATE_FILE)
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
 
 
+def _gather_rng(w: _Worker) -> list[torch.Tensor]:
+    """Every rank's torch RNG state (augmentation draws), so each rank resumes its own stream."""
+    state = torch.get_rng_state()
+    if w.world == 1 or not torch.distributed.is_initialized():
+        return [state]
+    states: list = [None] * w.world
+    torch.distributed.all_gather_object(states, state)
+    return states
+
+
+def _partial_metrics(pos: _Position) -> dict:
+    """What a mid-epoch checkpoint reports: no validation, so its score sorts below every real one."""
+    return {"epoch": pos.epoch, "step": pos.step, "batch_in_epoch": pos.batch, "partial": 1,
+            "train_loss": sum(pos.epoch_losses) / max(1, len(pos.epoch_losses)), "val_sum": float("nan")}
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     """Ray Train entry: set up, resume from this run's latest checkpoint, then train, validate and report."""
+    from functools import partial
+
+    import ray
     import ray.train.torch
 
     t_setup = time.time()
     w = _setup(loop_config)
     w.launched_unix = loop_config.get("launched_unix")
     cfg = w.cfg
-    loaders = (build_loaders(cfg, w.backbone, w.reader, ray.train.torch.prepare_data_loader, w.stores)
-               if cfg.optim.epochs else [])
+    prepare = partial(ray.train.torch.prepare_data_loader, add_dist_sampler=False)
+    loaders = build_loaders(cfg, w.backbone, w.reader, prepare, w.stores, w.rank, w.world) if cfg.optim.epochs else []
     total = max(1, sum(len(dl) for dl in loaders) * cfg.optim.epochs)
     scheduler = (torch.optim.lr_scheduler.LambdaLR(w.optimizer, warmup_cosine(cfg.optim.warmup_steps, total))
                  if w.optimizer is not None else None)
-    start_epoch, step, history = _restore(w, scheduler)
+    pos = _restore(w, scheduler)
     ddp = ray.train.torch.prepare_model(w.model, parallel_strategy_kwargs={"find_unused_parameters": True}) \
         if w.trainable else w.model
     amp = AmpStep(w.device, cfg.run.amp, w.trainable, cfg.optim.grad_clip)
     params = parameter_report(w.model).as_dict()
     w.setup_seconds = time.time() - t_setup
-    for epoch in range(start_epoch, max(cfg.optim.epochs, 1 if start_epoch == 0 else 0)):
-        if stale_epochs(history) >= (cfg.optim.patience or float("inf")):
+    w.example_log = _open_example_log(cfg, w.rank)
+    w.node = ray.get_runtime_context().get_node_id()
+    checkpoint = lambda p: _report(w, _partial_metrics(p), p, scheduler)  # noqa: E731
+    for epoch in range(pos.epoch, max(cfg.optim.epochs, 1 if pos.epoch == 0 else 0)):
+        if stale_epochs(pos.history) >= (cfg.optim.patience or float("inf")):
             break  # early stop; every rank holds the same broadcast history, so all stop together
-        t0, losses = time.time(), []
+        t0 = time.time()
         if cfg.optim.epochs:
-            losses, step = _train_epoch(w, ddp, loaders, amp, scheduler, epoch, step)
-        metrics = _epoch_metrics(w, epoch, step, losses, time.time() - t0, params)
-        history.append(metrics)
-        _report(w, metrics, history, step, scheduler)
+            pos = _train_epoch(w, ddp, loaders, amp, scheduler, epoch, pos, checkpoint)
+        metrics = _epoch_metrics(w, epoch, pos.step, pos.epoch_losses, time.time() - t0, params)
+        pos.history.append(metrics)
+        pos.epoch, pos.batch, pos.epoch_losses = metrics["epoch"], 0, []
+        _report(w, metrics, pos, scheduler)
 
 
 def stale_epochs(history: list[dict]) -> int:
@@ -262,6 +367,15 @@ def stale_epochs(history: list[dict]) -> int:
     return len(history) - 1 - best
 
 
+def _open_example_log(cfg: TrainConfig, rank: int):
+    """This rank's append-only example-id log when ``run.example_log`` is on (else None)."""
+    if not cfg.run.example_log:
+        return None
+    directory = Path(cfg.run.storage_path) / cfg.run.name / "example_log"
+    directory.mkdir(parents=True, exist_ok=True)
+    return open(directory / f"rank{rank}.jsonl", "a", encoding="utf-8")
+
+
 def _broadcast(metrics: dict, world: int) -> dict:
     """Rank 0's metrics on every rank, so every rank reports the same values."""
     if world == 1 or not torch.distributed.is_initialized():
@@ -271,7 +385,7 @@ def _broadcast(metrics: dict, world: int) -> dict:
     return box[0]
 
 
-def _progress(total: int, desc: str, rank: int):
+def _progress(total: int, desc: str, rank: int, initial: int = 0):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, disable=rank != 0, mininterval=2.0)
+    return tqdm(total=total, initial=initial, desc=desc, disable=rank != 0, mininterval=2.0)

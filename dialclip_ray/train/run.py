@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,15 +34,60 @@ class TrainOutcome:
     wall_seconds: float = 0.0
 
 
-def _ray_checkpoints(run_dir: Path) -> list[tuple[int, float, Path]]:
-    """(epoch, val_sum, dir) of every complete checkpoint Ray wrote for this run."""
+def _ray_checkpoints(run_dir: Path, partial: bool = False) -> list[tuple[int, float, Path]]:
+    """(epoch, val_sum, dir) of every complete, readable checkpoint Ray wrote for this run, oldest first.
+
+    Mid-epoch checkpoints (``run.checkpoint_every_steps``) have no validation score and are left out
+    unless ``partial``; a checkpoint whose files are unreadable is reported and skipped.
+    """
     found = []
     for meta in run_dir.glob("checkpoint_*/" + META_FILE):
         if not (meta.parent / WEIGHTS_FILE).is_file():
             continue
-        extra = json.loads(meta.read_text()).get("extra", {})
+        try:
+            extra = json.loads(meta.read_text()).get("extra", {})
+        except (OSError, ValueError) as exc:
+            print(f"[dialclip] skipping checkpoint {meta.parent}: {meta.name} is unreadable ({exc})", flush=True)
+            continue
+        if extra.get("partial") and not partial:
+            continue
         found.append((int(extra.get("epoch", 0)), float(extra.get("metrics", {}).get("val_sum", 0.0)), meta.parent))
-    return sorted(found, key=lambda t: (t[0], str(t[2])))
+    return sorted(found, key=lambda t: (t[0], t[2].name))
+
+
+def _readable(directory: Path) -> bool:
+    from dialclip_ray.model.checkpoint import CorruptCheckpointError, read_checkpoint
+
+    try:
+        read_checkpoint(directory)
+        return True
+    except CorruptCheckpointError as exc:
+        print(f"[dialclip] skipping checkpoint {directory}: {exc}", flush=True)
+        return False
+
+
+def _first_readable(candidates) -> Path:
+    """The first checkpoint dir in ``candidates`` ((epoch, val_sum, dir) tuples) whose weights load."""
+    for _, _, directory in candidates:
+        if _readable(directory):
+            return directory
+    raise RuntimeError("no readable checkpoint among this run's checkpoints (see the messages above)")
+
+
+def _warn_unreadable(run_dir: Path) -> None:
+    """Before resuming: say so when the newest checkpoint is unreadable (the workers fall back past it)."""
+    newest = _ray_checkpoints(run_dir, partial=True)
+    if newest and not _readable(newest[-1][2]):
+        print(f"[dialclip] resuming {run_dir.name} from an earlier checkpoint: the newest one is unreadable",
+              flush=True)
+
+
+def latest_history(run_dir: Path) -> list[dict]:
+    """The epoch history (validated epochs, oldest first) kept in a run's newest checkpoint; [] if none."""
+    done = _ray_checkpoints(Path(run_dir), partial=True)
+    if not done:
+        return []
+    return json.loads((done[-1][2] / META_FILE).read_text())["extra"].get("history", [])
 
 
 def _copy_checkpoint(src: Path, dst: Path) -> Path:
@@ -85,6 +129,7 @@ def run_training(cfg: TrainConfig) -> TrainOutcome:
     done = _ray_checkpoints(run_dir)
     trained = not done or not _finished(cfg, done[-1])
     if trained:
+        _warn_unreadable(run_dir)
         ensure_ray(num_cpus=cfg.run.workers)
         for path in cfg.data.train:  # frozen context features, computed once per dataset and backbone
             ensure_store(path, cfg.model, cfg.data.features)
@@ -92,12 +137,12 @@ def run_training(cfg: TrainConfig) -> TrainOutcome:
         build_trainer(train_loop_per_worker, loop_config, name=cfg.run.name,
                       storage_path=str(storage), workers=cfg.run.workers, use_gpu=cfg.run.use_gpu,
                       max_failures=cfg.run.max_failures, num_to_keep=cfg.run.num_to_keep,
-                      score_attribute="val_sum").fit()
+                      score_attribute="val_sum", placement_strategy=cfg.run.placement_strategy).fit()
         done = _ray_checkpoints(run_dir)
     if not done:
         raise RuntimeError(f"training run {run_dir} produced no checkpoint")
-    latest = done[-1][2]
-    best = max(done, key=lambda t: (t[1], t[0]))[2]
+    latest = _first_readable(reversed(done))
+    best = _first_readable(sorted(done, key=lambda t: (t[1], t[0]), reverse=True))
     history = json.loads((latest / META_FILE).read_text())["extra"].get("history", [])
     outcome = TrainOutcome(run_dir, _copy_checkpoint(best, run_dir / "best"),
                            _copy_checkpoint(latest, run_dir / "latest"), history,

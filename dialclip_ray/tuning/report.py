@@ -33,17 +33,37 @@ PLOTTED = (("context_prompt_length", "context prompts Lc"), ("insertion_layer", 
            ("num_experts", "experts K"), ("domain_prompt_length", "domain prompts Ld"))
 
 
-def trial_table(results, spec: SweepSpec) -> list[dict]:
+def trial_table(results, spec: SweepSpec, trials_dir: Path | None = None) -> list[dict]:
+    """One row per trial: its parameters, best validation Sum, epochs run and whether ASHA stopped it.
+
+    A trial resumed after its sweep's driver died reports to Tune only from the resumed epoch on, so
+    the epochs and scores come from the training history kept in the trial's own checkpoints
+    (``trials_dir/trial-<id>``) where there is one, else from Tune's metrics.
+    """
     rows = []
     for result in results:
-        history = result.metrics_dataframe
-        best = float(history["val_sum"].max()) if history is not None and "val_sum" in history else float("nan")
-        rows.append({"trial_id": (result.metrics or {}).get("trial_id", Path(result.path).name),
+        trial_id = (result.metrics or {}).get("trial_id", Path(result.path).name)
+        history = _checkpoint_history(trials_dir / f"trial-{trial_id}") if trials_dir else []
+        frame = result.metrics_dataframe
+        if not history and frame is not None and "val_sum" in frame:
+            frame = frame[frame["partial"] != 1] if "partial" in frame else frame
+            history = frame[["epoch", "val_sum"]].to_dict("records") if "epoch" in frame else \
+                [{"epoch": i + 1, "val_sum": v} for i, v in enumerate(frame["val_sum"])]
+        scores = [float(h["val_sum"]) for h in history if not math.isnan(float(h.get("val_sum", math.nan)))]
+        epochs_run = max((int(h.get("epoch", 0)) for h in history), default=0)
+        rows.append({"trial_id": trial_id,
                      **{k: (result.config or {}).get(k) for k in spec.params},  # None: failed before reporting
-                     "best_val_sum": best, "epochs_run": int(len(history)) if history is not None else 0,
-                     "stopped_early": bool(history is not None and len(history) < spec.epochs),
+                     "best_val_sum": max(scores) if scores else float("nan"), "epochs_run": epochs_run,
+                     "stopped_early": bool(history) and epochs_run < spec.epochs,
                      "error": bool(result.error)})
     return sorted(rows, key=lambda r: -r["best_val_sum"] if not math.isnan(r["best_val_sum"]) else math.inf)
+
+
+def _checkpoint_history(run_dir: Path) -> list[dict]:
+    """The per-epoch metrics history stored in a training run's newest checkpoint ([] if none)."""
+    from dialclip_ray.train.run import latest_history
+
+    return latest_history(run_dir)
 
 
 def write_table(rows: list[dict], sweep_dir: Path) -> None:
@@ -86,7 +106,7 @@ def plot_sensitivity(rows: list[dict], base: TrainConfig, path: Path) -> Path:
 
 
 def write_outputs(results, spec: SweepSpec, base: TrainConfig, sweep_dir: Path, restored: bool) -> SweepOutcome:
-    rows = trial_table(results, spec)
+    rows = trial_table(results, spec, sweep_dir / "trials")
     write_table(rows, sweep_dir)
     plot_sensitivity(rows, base, sweep_dir / "sensitivity.png")
     best = rows[0]

@@ -86,7 +86,10 @@ def run_sweep(space_path: str | Path, name: str, storage: str | Path = "runs/tun
         default_point = {k: base_values["model"].get(k, base_values["optim"].get(k)) for k in spec.params}
         param_space = {k: d.to_tune() for k, d in spec.params.items()}
         scheduler = (ASHAScheduler(max_t=spec.epochs, grace_period=spec.scheduler.grace_period,
-                                   reduction_factor=spec.scheduler.reduction_factor, time_attr="training_iteration")
+                                   reduction_factor=spec.scheduler.reduction_factor,
+                                   # epochs, not Tune's report count: a trial resumed after the sweep's
+                                   # driver died counts its reports from 1 again, its epochs do not
+                                   time_attr="epoch")
                      if spec.scheduler.type == "asha" else FIFOScheduler())
         tuner = tune.Tuner(
             trainable, param_space=param_space,
