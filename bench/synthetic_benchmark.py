@@ -14,29 +14,27 @@ differences are tested pairwise on the same queries. The reusable parts live in
   [5] train+rank  per variant and seed: train (best-validation-Sum epoch kept), then rank every test query
   [6] results     bootstrap statistics -> bench/results/synthetic_benchmark.{json,md,png}
 
-Time plan (2 quiet CPU cores; the whole run must fit in 100 minutes):
+Measured time (2 quiet CPU cores, the settings the README reports:
+``--epochs 3 --max-train 1500 --max-text-queries 2500``; the target is 100 minutes, and a run from
+scratch misses it by about 10):
 
-  stage                                          budget   measured / basis
-  [1] corpus (4,000/500/1,000 PhotoChat-style        2 min   generate+prepare 124 s wall at load 7-10,
-      dialogs, 2,800/360/720 MMDialog-style                  54 CPU s (45,213 images)
+  stage                                           measured
+  [1] corpus (4,000/500/1,000 PhotoChat-style      2 min (124 s wall at load 7-10)
+      dialogs, 2,800/360/720 MMDialog-style
       conversations, 30,000 caption images)
-  [2] backbone (dialclip-small, 922 steps)          15 min   held-out R@1 49.6% among 1,000 photos;
-                                                             31.8 min at load average 10-45 (median 19),
-                                                             11-15 min quiet (estimate): see
-                                                             bench/results/pretrain_small_clip.json
-  [3] features: 2 stores for the backbone           3 min   215 s at load average ~10
-  [4] lr: 7 variants x 3 lrs, 1 epoch on            12 min   ~35 s per proxy run; Ray Train start alone
-      600 examples per dataset and type, 200 val             took 27 s per run in --quick at load ~30
-  [5] train: 13 runs (dialclip, gated, finetune     39 min   3 min per run: 6 epochs x 4,000 examples per
-      x 3 seeds; 4 ablations x 1) + zeroshot                 dataset and type, with the frozen feature store
-      rank: 14 models x 10,246 test queries         21 min   ~90 s per model: zero-shot 189 CPU s, fresh
-                                                             DialCLIP 164 CPU s (117 s wall at load 6) for
-                                                             10,246 queries, 27,003 text + 2,502 image
-                                                             candidates; --max-text-queries 2500 cuts the
-                                                             text part to a third (2,506 queries, 10,362
-                                                             candidates)
-  [6] statistics and files                           1 min   10,000 bootstrap replicates per estimate
-  total                                             93 min
+  [2] backbone (dialclip-small, 922 steps)         11-15 min quiet (31.8 min at load 10-45);
+                                                   held-out R@1 49.6% among 1,000 photos
+  [3] features: 2 stores for the backbone          4 min
+  [4] lr: 7 variants x 3 lrs, 1 epoch on 600       25 min (21 proxy runs of 46-82 s, Ray Train
+      examples per dataset and type                start-up included)
+  [5] train: 13 runs (dialclip, gated, finetune    51 min (3.5-5.4 min per run: 3 epochs of 70
+      x 3 seeds; 4 variants x 1) + zeroshot        steps, each followed by 1,500 validation queries)
+      rank: 14 models x 4,514 test queries         13 min (40-60 s per model)
+  [6] statistics and files                         8 s
+  total from scratch                               about 110 min (64 min with stages 1-4 cached)
+
+The defaults (6 epochs x 4,000 examples, every reply query) take about 2.3 min per epoch and
+4+ hours in all: they are the protocol for a bigger machine.
 
 ``--quick`` runs every stage on a tiny corpus (dialclip-micro backbone, 1 epoch, 1 seed, a
 two-point grid) to prove the pipeline; it writes ``synthetic_benchmark_quick.*``.
