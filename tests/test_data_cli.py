@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
-import types
 
 import pyarrow.parquet as pq
 
@@ -55,12 +53,16 @@ def test_bad_input_prints_one_line_and_exits_2(tmp_path, capsys):
     assert "meta.json is missing" in capsys.readouterr().err
 
 
-def test_synth_passes_arguments(tmp_path, monkeypatch, capsys):
-    """`data synth` forwards its options to dialclip_ray.data.synthetic.generate (stubbed: another module)."""
-    calls = []
-    stub = types.ModuleType("dialclip_ray.data.synthetic")
-    stub.generate = lambda out, **kw: calls.append((out, kw)) or {"dialogs": kw["dialogs"]}
-    monkeypatch.setitem(sys.modules, "dialclip_ray.data.synthetic", stub)
-    rc = main(["data", "synth", "--out", str(tmp_path / "s"), "--dialogs", "12", "--seed", "3", "--image-size", "32"])
-    assert rc == 0 and calls == [(str(tmp_path / "s"), {"dialogs": 12, "seed": 3, "image_size": 32})]
-    assert json.loads(capsys.readouterr().out) == {"dialogs": 12}
+def test_synth_writes_the_split_sizes_it_is_given(tmp_path, capsys):
+    """`data synth` runs the real generator with the benchmark's size options (tiny sizes here)."""
+    out = tmp_path / "s"
+    rc = main(["data", "synth", "--out", str(out), "--seed", "3", "--image-size", "32",
+               "--photochat-sizes", "6", "2", "3", "--mmdialog-sizes", "2", "1", "1", "--caption-images", "4"])
+    assert rc == 0
+    meta = json.loads((out / "synth_meta.json").read_text())
+    assert [meta["counts"]["photochat"][s]["dialogs"] for s in ("train", "dev", "test")] == [6, 2, 3]
+    assert [meta["counts"]["mmdialog"][s]["conversations"] for s in ("train", "valid", "test")] == [2, 1, 1]
+    assert meta["counts"]["caption_images"] == 4
+    assert json.loads(capsys.readouterr().out)["counts"] == meta["counts"]
+    assert main(["data", "synth", "--out", str(out), "--dialogs", "10"]) != 0  # an existing corpus is kept
+    assert main(["data", "synth", "--out", str(out), "--dialogs", "10", "--image-size", "32", "--overwrite"]) == 0
