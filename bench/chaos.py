@@ -45,7 +45,7 @@ def ray_scenarios(run: C.ChaosRun, png: Path) -> None:
         C.index_build_sigkill)
     run("train_worker_killed_mid_epoch", "train", "SIGKILL Ray Train worker rank 0 at batch 5 of epoch 1 "
         "(step checkpoints every 2 steps)", C.train_worker_kill)
-    run("train_driver_sigkill", "train", "SIGKILL `dialclip train`'s driver after epoch 1 of 3, then rerun",
+    run("train_driver_sigkill", "train", "SIGKILL `dialclip train`'s driver after epoch 2 of 4, then rerun",
         C.train_driver_kill)
     run("tune_driver_sigkill", "train", "SIGKILL `dialclip tune`'s driver mid-sweep (3 trials x 3 epochs), then rerun",
         C.tune_driver_kill)

@@ -369,14 +369,14 @@ def train_driver_kill(row: Scenario, work: Path) -> None:
     from dialclip_ray.train.run import latest_history, run_training
 
     corpus = prepared_corpus(work.parent / "train_corpus")
-    epochs = 3
+    epochs = 4
     straight = run_training(load_train_config(train_config(work, corpus, "straight", epochs)))
     config = train_config(work, corpus, "interrupted", epochs)
     run_dir = work / "runs" / "interrupted"
     driver = dialclip(["train", "--config", str(config)], ray_env())
     t0 = time.time()
-    while driver.poll() is None and not latest_history(run_dir) and time.time() - t0 < 300:
-        time.sleep(0.2)
+    while driver.poll() is None and len(latest_history(run_dir)) < 2 and time.time() - t0 < 300:
+        time.sleep(0.2)  # epoch 2 on disk: Ray has registered epoch 1 (its registry may lag one behind)
     before = latest_history(run_dir)
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
@@ -450,7 +450,7 @@ def corrupt_checkpoint(row: Scenario, work: Path) -> None:
     corpus = prepared_corpus(work.parent / "train_corpus")
     config = train_config(work, corpus, "corrupt", 2)
     first = run_training(load_train_config(config))
-    newest = sorted(first.run_dir.glob("checkpoint_*"))[-1] / "dialclip.pt"
+    newest = sorted(p for p in first.run_dir.glob("checkpoint_2*") if p.is_dir())[-1] / "dialclip.pt"
     newest.write_bytes(newest.read_bytes()[:100])
     second = run_training(load_train_config(config, {"optim.epochs": 3}))
     read_checkpoint(second.best), read_checkpoint(second.latest)
