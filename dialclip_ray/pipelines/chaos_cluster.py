@@ -84,7 +84,8 @@ def train_node_removed(cluster: LocalCluster):
         if errors:
             raise errors[0]
         rows = _rows(log_dir)
-        after = [r for r in rows if removed_t and r["t"] > removed_t]
+        old_pids = {r["pid"] for r in rows if removed_t and r["t"] <= removed_t}
+        after = [r for r in rows if removed_t and r["t"] > removed_t and r["pid"] not in old_pids]  # the new group
         row.recovery_s = round(after[0]["t"] - removed_t, 1) if after else None
         row.detail.update(nodes_used_before=len(nodes_before), spread_over_two_nodes=len(nodes_before) >= 2,
                           removed_node=victim, nodes_used_after=len({r["node"] for r in after}),
