@@ -59,7 +59,7 @@ def ray_scenarios(run: C.ChaosRun, png: Path) -> None:
         S.kill_under_load("RetrievalIngress", allow_partial=False))
     run("serve_autoscaling", "serve", "8 locust users for 45 s against autoscaled (1..2) encoder and shards",
         lambda row, work: S.autoscaling(row, work, png))
-    run("fuzz_schemathesis", "fuzz", "schemathesis (examples, coverage, fuzzing phases) against the live "
+    run("fuzz_schemathesis", "fuzz", "schemathesis (examples and fuzzing phases, 60 examples) against the live "
         "/openapi.json", S.schemathesis_run)
 
 
