@@ -29,25 +29,8 @@ from tqdm.auto import tqdm
 
 from dialclip_ray.fsio import atomic_write_text  # noqa: E402
 from dialclip_ray.index import ShardedIndex, build_sharded_index  # noqa: E402
+from dialclip_ray.index.ann_eval import clustered, recall_at  # noqa: E402
 from dialclip_ray.index.factory import add_vectors, resolve_use_gpu, set_search_params, to_gpu, train_template  # noqa: E402
-
-
-def clustered(n: int, dim: int, clusters: int, seed: int, chunk: int = 100_000) -> np.ndarray:
-    """Unit vectors: 80 % around ``clusters`` random centres, 20 % unclustered (the hard queries)."""
-    rng = np.random.default_rng(seed)
-    centers = np.random.default_rng(1234).standard_normal((clusters, dim), dtype=np.float32)
-    out = np.empty((n, dim), np.float32)
-    for s in range(0, n, chunk):
-        m = min(chunk, n - s)
-        noise = rng.standard_normal((m, dim), dtype=np.float32)
-        member = (rng.random(m) < 0.8)[:, None]
-        out[s : s + m] = np.where(member, centers[rng.integers(0, clusters, m)] + noise, 3.0 * noise)
-    faiss.normalize_L2(out)
-    return out
-
-
-def recall_at(labels: np.ndarray, gt: np.ndarray, k: int = 10) -> float:
-    return float(np.mean([len(set(a[:k]) & set(b[:k])) / k for a, b in zip(labels, gt)]))
 
 
 def timed_search(index, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, float]:

@@ -45,8 +45,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     sweep_stale_staging(path)
-    host = socket.gethostname().replace("-", "_")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.w-{host}-{os.getpid()}-", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.w-{_owner()}-", suffix=".tmp")
     os.close(fd)
     try:
         write(Path(tmp))
@@ -117,8 +116,7 @@ def publish_dir(tmp: str | os.PathLike, out: str | os.PathLike) -> Path:
             _fsync_dir(out.parent)
             _remove(tmp)  # now holds the old ``out``
             return out
-        host = socket.gethostname().replace("-", "_")
-        old = out.with_name(f".{out.name}.old-{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        old = out.with_name(f".{out.name}.old-{_owner()}-{uuid.uuid4().hex[:8]}")
         os.rename(out, old)
         try:
             os.rename(tmp, out)
@@ -131,6 +129,16 @@ def publish_dir(tmp: str | os.PathLike, out: str | os.PathLike) -> Path:
         os.rename(tmp, out)
         _fsync_dir(out.parent)
     return out
+
+
+def _host() -> str:
+    """This host's name as it appears in staging names (no '-': the name's fields are '-'-separated)."""
+    return socket.gethostname().replace("-", "_")
+
+
+def _owner() -> str:
+    """``<host>-<pid>``: the middle of every staging name, what ``sweep_stale_staging`` reads back."""
+    return f"{_host()}-{os.getpid()}"
 
 
 def _alive(pid: int) -> bool:
@@ -151,7 +159,7 @@ def sweep_stale_staging(out: str | os.PathLike) -> list[Path]:
     other hosts (a shared filesystem) and of live processes are left alone.
     """
     out = Path(out)
-    host = socket.gethostname().replace("-", "_")
+    host = _host()
     removed = []
     for path in out.parent.glob(f".{glob.escape(out.name)}.*-{glob.escape(host)}-*-*"):
         try:
@@ -173,8 +181,7 @@ def staging_dir(out: str | os.PathLike, tag: str = "building") -> Iterator[Path]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     sweep_stale_staging(out)
-    host = socket.gethostname().replace("-", "_")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{tag}-{host}-{os.getpid()}-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{tag}-{_owner()}-", dir=out.parent))
     try:
         yield tmp
         publish_dir(tmp, out)
