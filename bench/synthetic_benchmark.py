@@ -27,9 +27,9 @@ scratch misses it by about 10):
   [3] features: 2 stores for the backbone          4 min
   [4] lr: 7 variants x 3 lrs, 1 epoch on 600       25 min (21 proxy runs of 46-82 s, Ray Train
       examples per dataset and type                start-up included)
-  [5] train: 13 runs (dialclip, gated, finetune    51 min (3.5-5.4 min per run: 3 epochs of 70
+  [5] train: 13 runs (dialclip, gated, finetune    54 min (3.5-5.4 min per run: 3 epochs of 70
       x 3 seeds; 4 variants x 1) + zeroshot        steps, each followed by 1,500 validation queries)
-      rank: 14 models x 4,514 test queries         13 min (40-60 s per model)
+      rank: 14 models x 4,514 test queries         10 min (38-61 s per model)
   [6] statistics and files                         8 s
   total from scratch                               about 110 min (64 min with stages 1-4 cached)
 
