@@ -72,6 +72,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--max-val", type=int, default=500, help="validation queries per dataset and type (selection)")
     ap.add_argument("--patience", type=int, default=2,
                     help="early stopping: epochs without a better validation Sum before a run ends")
+    ap.add_argument("--validate-at-start", action=argparse.BooleanOptionalAction, default=True,
+                    help="every trained run also validates its starting point (epoch 0), a candidate for "
+                         "its best checkpoint (proxy runs do not: their start does not depend on the lr)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--lr-grid", default=",".join(f"{x:g}" for x in B.LR_GRID))
@@ -123,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
             variant, corpus, backbone, cache / ("bench_lr" if proxy else "bench_runs"),
             args.proxy_epochs if proxy else args.epochs, args.workers, seed=seed, batch_size=args.batch_size,
             lr=lr, finetune_lr=lr / 20, max_train_examples=args.proxy_train if proxy else args.max_train,
-            max_val_examples=args.proxy_val if proxy else args.max_val, patience=None if proxy else args.patience)
+            max_val_examples=args.proxy_val if proxy else args.max_val, patience=None if proxy else args.patience,
+            validate_at_start=not proxy and args.validate_at_start)
 
     progress("features: the frozen feature store of each dataset for this backbone (context turns, images)")
     from dialclip_ray.features.store import ensure_store
@@ -170,9 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     protocol = {
         "command": command.strip(), "quick": args.quick, "seeds": seeds_used,
         "note_seeds": "zeroshot trains nothing and ranks deterministically: one seed is the whole distribution",
-        "epochs": args.epochs, "selection": "checkpoint of the epoch with the best validation Sum (mean over types); early stopping "
-                     f"after {args.patience} epochs without a better one",
-        "patience": args.patience,
+        "epochs": args.epochs, "selection": "checkpoint of the epoch with the best validation Sum (mean over types)"
+                     + (", epoch 0 (the model as built) included" if args.validate_at_start else "")
+                     + f"; early stopping after {args.patience} epochs without a better one",
+        "patience": args.patience, "validate_at_start": args.validate_at_start,
         "max_train_examples_per_dataset_and_type": args.max_train, "max_val_examples": args.max_val,
         "batch_size": args.batch_size, "workers": args.workers, "max_text_queries": args.max_text_queries,
         "lr_selection": {"grid": grid, "proxy_epochs": args.proxy_epochs, "proxy_train": args.proxy_train,

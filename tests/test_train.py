@@ -77,3 +77,24 @@ def test_invalid_config_names_the_key(tmp_path, tiny_corpus):
     with pytest.raises(ConfigError) as err:
         load_train_config(bad)
     assert "optim.lr" in str(err.value) and "insertion_laye" in str(err.value)
+
+
+def test_validate_at_start_keeps_the_model_as_built_as_a_candidate(ray_cluster, tiny_corpus, tmp_path):
+    """Epoch 0 is the model as built, validated and checkpointed; the best of all epochs is kept."""
+    import torch
+
+    from dialclip_ray.model.dialclip import build_model
+
+    config = write_config(tmp_path / "start.yaml", tiny_corpus, tmp_path / "runs", epochs=1)
+    cfg = load_train_config(config, {"optim.validate_at_start": True, "optim.lr": 5.0, "run.name": "start"})
+    out = run_training(cfg)
+    assert [row["epoch"] for row in out.history] == [0, 1]
+    sums = [row["val_sum"] for row in out.history]
+    assert out.best_metrics["val_sum"] == max(sums)
+    _, state = read_checkpoint(out.best)
+    built, _ = build_model(cfg.model, seed=cfg.run.seed)
+    as_built = {k: v for k, v in built.state_dict().items() if k in state}
+    same = all(torch.equal(state[k], v) for k, v in as_built.items())
+    # the best checkpoint is the untouched start exactly when epoch 0 won
+    assert same == (out.best_metrics["epoch"] == 0), (sums, out.best_metrics["epoch"])
+    assert not run_training(cfg).trained  # finished: a rerun reuses it

@@ -98,11 +98,25 @@ def small_clip_link(cache: Path, model_name: str, corpus: Corpus) -> Path:
     return Path(cache).resolve() / "small_clip" / f"{model_name}-on-{corpus.raw.parent.name}"
 
 
+# Settings added after runs were cached under hashed names: left out of the hash while at their
+# default, so a config that does not use them keeps its run (and its finished checkpoints).
+_HASH_OMITS_AT_DEFAULT = {"optim": {"validate_at_start": False}}
+
+
+def _hashed(cfg: TrainConfig) -> dict:
+    dump = cfg.model_dump(mode="json")
+    for section, fields in _HASH_OMITS_AT_DEFAULT.items():
+        for name, default in fields.items():
+            if dump[section].get(name) == default:
+                del dump[section][name]
+    return dump
+
+
 def variant_config(variant: str, corpus: Corpus, backbone: BackboneConfig, storage: Path, epochs: int,
                    workers: int = 2, seed: int = 0, batch_size: int = 32, lr: float = 2e-3,
                    finetune_lr: float = 1e-4, max_train_examples: int | None = None,
                    max_val_examples: int | None = 300, model_overrides: dict | None = None,
-                   patience: int | None = None) -> TrainConfig:
+                   patience: int | None = None, validate_at_start: bool = False) -> TrainConfig:
     """The training config of one variant; the run name hashes it, so identical configs share a run."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; known: {VARIANTS}")
@@ -113,8 +127,8 @@ def variant_config(variant: str, corpus: Corpus, backbone: BackboneConfig, stora
         data=DataSection(train=corpus.datasets, max_train_examples=max_train_examples,
                          max_val_examples=max_val_examples),
         optim=OptimSection(epochs=0 if variant == "zeroshot" else epochs, batch_size=batch_size, lr=lr,
-                           backbone_lr=finetune_lr, patience=patience),
+                           backbone_lr=finetune_lr, patience=patience, validate_at_start=validate_at_start),
         run=RunSection(name="pending", storage_path=str(storage), workers=workers, seed=seed))
-    digest = hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:10]
+    digest = hashlib.sha256(json.dumps(_hashed(cfg), sort_keys=True).encode()).hexdigest()[:10]
     cfg.run.name = f"{variant}-{digest}"
     return cfg

@@ -47,6 +47,10 @@ class OptimSection(BaseModel):
     patience: int | None = Field(
         None, ge=1, description="early stopping: end the run after this many epochs without a better "
         "validation Sum (None = run every epoch); the best epoch's checkpoint is kept either way")
+    validate_at_start: bool = Field(
+        False, description="validate the model as built before the first epoch and keep that as epoch 0: "
+        "when no epoch beats it, the run's best checkpoint is the starting point (for a model that starts "
+        "at CLIP, such as prompt_gate or finetune, training then cannot end below zero-shot on validation)")
 
 
 class RunSection(BaseModel):

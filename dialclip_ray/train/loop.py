@@ -253,7 +253,7 @@ def _train_epoch(w: _Worker, ddp, loaders: list, amp: AmpStep, scheduler, epoch:
 
 def _epoch_metrics(w: _Worker, epoch: int, step: int, losses: list[float], seconds: float, params: dict) -> dict:
     """The metrics every rank reports for one epoch (validation by rank 0, broadcast to all)."""
-    metrics = {"epoch": epoch + 1 if w.cfg.optim.epochs else 0, "step": step,
+    metrics = {"epoch": epoch + 1 if w.cfg.optim.epochs else 0, "step": step,  # epoch -1: before training
                "train_loss": sum(losses) / len(losses) if losses else float("nan"), "epoch_seconds": seconds,
                "trainable_params": params["trainable"], "trainable_percent": params["percent"],
                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -343,6 +343,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     w.example_log = _open_example_log(cfg, w.rank)
     w.node = ray.get_runtime_context().get_node_id()
     checkpoint = lambda p: _report(w, _partial_metrics(p), p, scheduler)  # noqa: E731
+    if cfg.optim.validate_at_start and cfg.optim.epochs and not pos.history and pos.step == 0:
+        start = _epoch_metrics(w, -1, 0, [], 0.0, params)  # epoch 0: the model as built, a candidate best
+        pos.history.append(start)
+        _report(w, start, pos, scheduler)
     for epoch in range(pos.epoch, max(cfg.optim.epochs, 1 if pos.epoch == 0 else 0)):
         if stale_epochs(pos.history) >= (cfg.optim.patience or float("inf")):
             break  # early stop; every rank holds the same broadcast history, so all stop together
