@@ -72,9 +72,7 @@ def run_data(name: str, x: np.ndarray, q: np.ndarray, args) -> tuple[list[dict],
                          "shards": args.shards, "build_s": round(build_s, 1), "params": params})
         best = A.pick_default(found, flat_qps)
         defaults.append({"data": name, "index": kind, "default": best["param"] if best else None,
-                         "note": "recall@10 >= 0.95 at >= 10x flat" if best else
-                         f"no setting reaches recall@10 >= 0.95 at >= 10x flat (best recall "
-                         f"{max(r['recall_at_10'] for r in found):.3f})"})
+                         "note": "recall@10 >= 0.95 at >= 10x flat" if best else A.why_no_default(found, flat_qps)})
         print(f"[{name}] {kind}: build {build_s:.0f}s; " + "  ".join(
             f"{r['param']}: {r['recall_at_10']:.3f} @ {r['qps']:.0f}/s" for r in found), flush=True)
         del indexes

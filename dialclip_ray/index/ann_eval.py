@@ -130,3 +130,17 @@ def pick_default(rows: list[dict], flat_qps: float, recall: float = 0.95, speedu
     """The fastest setting with recall >= ``recall`` and at least ``speedup`` x flat's queries/s, if any."""
     ok = [r for r in rows if r["recall_at_10"] >= recall and r["qps"] >= speedup * flat_qps]
     return max(ok, key=lambda r: r["qps"]) if ok else None
+
+
+def why_no_default(rows: list[dict], flat_qps: float, recall: float = 0.95, speedup: float = 10.0) -> str:
+    """Where the sweep misses the target: the best recall at the speed-up, the best speed-up at the recall."""
+    fast = [r for r in rows if r["qps"] >= speedup * flat_qps]
+    good = [r for r in rows if r["recall_at_10"] >= recall]
+    parts = [f"at >= {speedup:g}x flat the best recall@10 is "
+             + (f"{max(r['recall_at_10'] for r in fast):.3f}" if fast else "- (no setting that fast)")]
+    if good:
+        top = max(good, key=lambda r: r["qps"])
+        parts.append(f"recall@10 >= {recall} first at {top['param']}, {top['qps'] / flat_qps:.1f}x flat")
+    else:
+        parts.append(f"no setting reaches recall@10 {recall} (best {max(r['recall_at_10'] for r in rows):.3f})")
+    return "; ".join(parts)

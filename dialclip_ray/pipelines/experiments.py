@@ -100,7 +100,9 @@ def small_clip_link(cache: Path, model_name: str, corpus: Corpus) -> Path:
 
 # Settings added after runs were cached under hashed names: left out of the hash while at their
 # default, so a config that does not use them keeps its run (and its finished checkpoints).
-_HASH_OMITS_AT_DEFAULT = {"optim": {"validate_at_start": False}}
+# Run-control settings (checkpoint cadence, audit log, placement) never change what is learned.
+_HASH_OMITS_AT_DEFAULT = {"optim": {"validate_at_start": False},
+                          "run": {"checkpoint_every_steps": None, "example_log": False, "placement_strategy": "PACK"}}
 
 
 def _hashed(cfg: TrainConfig) -> dict:
