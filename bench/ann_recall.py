@@ -10,6 +10,7 @@ recall@10 >= 0.95 at >= 10x flat search's queries/s, or says that none reaches i
     python bench/ann_recall.py                   # 1,000,000 vectors (about 15-25 min on 2 cores)
     python bench/ann_recall.py --vectors 100000 --out bench/results/ann_recall_100k
     python bench/ann_recall.py --kinds ivf,ivfpq # HNSW's graph build is the slow part on CPU
+    python bench/ann_recall.py --data model --kinds ivf --merge   # remeasure one pair, keep the rest
 
 Writes bench/results/ann_recall.json ({"rows": [...], "defaults": [...], ...}), .md and .png.
 """
@@ -59,10 +60,10 @@ def configs(n: int, shards: int) -> dict[str, tuple[dict, str, list[int]]]:
             "hnsw": ({"M": 16, "ef_construction": 40, "ef_search": 16}, "ef_search", [16, 24, 32, 48, 64, 128, 256])}
 
 
-def run_data(name: str, x: np.ndarray, q: np.ndarray, args) -> tuple[list[dict], list[dict]]:
+def run_data(name: str, x: np.ndarray, q: np.ndarray, args) -> list[dict]:
     gt, flat_qps = A.exact_topk(x, q)
     print(f"[{name}] flat: {flat_qps:.1f} queries/s", flush=True)
-    rows, defaults = [], []
+    rows = []
     for kind in args.kinds:
         params, knob, values = configs(len(x), args.shards)[kind]
         indexes, offsets, build_s = A.build_shards(kind, params, x, args.shards)
@@ -70,13 +71,31 @@ def run_data(name: str, x: np.ndarray, q: np.ndarray, args) -> tuple[list[dict],
         for r in found:
             rows.append({"index": kind, **r, "vectors": len(x), "data": name, "flat_qps": round(flat_qps, 1),
                          "shards": args.shards, "build_s": round(build_s, 1), "params": params})
-        best = A.pick_default(found, flat_qps)
-        defaults.append({"data": name, "index": kind, "default": best["param"] if best else None,
-                         "note": "recall@10 >= 0.95 at >= 10x flat" if best else A.why_no_default(found, flat_qps)})
         print(f"[{name}] {kind}: build {build_s:.0f}s; " + "  ".join(
             f"{r['param']}: {r['recall_at_10']:.3f} @ {r['qps']:.0f}/s" for r in found), flush=True)
         del indexes
-    return rows, defaults
+    return rows
+
+
+def default_of(rows: list[dict], data: str, index: str) -> dict:
+    """The fastest setting with recall@10 >= 0.95 at >= 10x flat for one (data, index), or where it misses."""
+    found = [r for r in rows if r["data"] == data and r["index"] == index]
+    flat_qps = found[0]["flat_qps"]
+    best = A.pick_default(found, flat_qps)
+    return {"data": data, "index": index, "default": best["param"] if best else None,
+            "note": "recall@10 >= 0.95 at >= 10x flat" if best else A.why_no_default(found, flat_qps)}
+
+
+def merge_into(old: dict, new: dict) -> dict:
+    """``old`` with the (data, index) pairs that ``new`` measured replaced; each run keeps its command."""
+    done = {(r["data"], r["index"]) for r in new["rows"]}
+    keep = lambda items: [r for r in items if (r["data"], r["index"]) not in done]  # noqa: E731
+    order = {pair: i for i, pair in enumerate(dict.fromkeys((r["data"], r["index"]) for r in old["rows"]))}
+    runs = old.get("runs") or [{k: old[k] for k in ("command", "threads", "total_s") if k in old}]
+    return {**old, "notes": {**old.get("notes", {}), **new["notes"]},
+            "runs": runs + [{"command": new["command"], "threads": new["threads"], "total_s": new["total_s"],
+                             "measured": sorted(f"{d}/{i}" for d, i in done)}],
+            "rows": sorted(keep(old["rows"]) + new["rows"], key=lambda r: order.get((r["data"], r["index"]), 99))}
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -117,12 +136,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="FAISS OpenMP threads (default: FAISS's choice)")
     ap.add_argument("--stores", default=STORES, help="glob of feature-store Parquet files (the model data)")
     ap.add_argument("--out", default=str(RESULTS / "ann_recall"))
+    ap.add_argument("--merge", action="store_true",
+                    help="replace only the (data, index) pairs measured now in an existing --out JSON")
     args = ap.parse_args(argv)
     args.kinds = [k for k in args.kinds.split(",") if k]
     if args.threads:
         faiss.omp_set_num_threads(args.threads)
     t0 = time.time()
-    rows, defaults, notes = [], [], {}
+    rows, notes = [], {}
     for name in [d for d in args.data.split(",") if d]:
         if name == "model":
             emb = model_embeddings(args.stores)
@@ -138,14 +159,17 @@ def main(argv: list[str] | None = None) -> int:
             x, q = A.uniform(args.vectors, args.dim, seed=1), A.uniform(args.queries, args.dim, seed=2)
         else:
             raise SystemExit(f"unknown --data {name!r}")
-        r, d = run_data(name, x, q, args)
-        rows += r
-        defaults += d
+        rows += run_data(name, x, q, args)
         del x
     out = Path(args.out)
-    report = {"command": "python bench/ann_recall.py " + " ".join(sys.argv[1:] if argv is None else argv),
-              "threads": faiss.omp_get_max_threads(), "queries": args.queries, "k": 10, "notes": notes,
-              "defaults": defaults, "rows": rows, "total_s": round(time.time() - t0, 1)}
+    command = "python bench/ann_recall.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    report = {"command": command.strip(), "threads": faiss.omp_get_max_threads(), "queries": args.queries, "k": 10,
+              "notes": notes, "rows": rows, "total_s": round(time.time() - t0, 1)}
+    if args.merge and out.with_suffix(".json").is_file():
+        report = merge_into(json.loads(out.with_suffix(".json").read_text()), report)
+    rows = report["rows"]
+    pairs = dict.fromkeys((r["data"], r["index"]) for r in rows)
+    report["defaults"] = defaults = [default_of(rows, d, i) for d, i in pairs]
     atomic_write_text(out.with_suffix(".json"), json.dumps(report, indent=2) + "\n")
     lines = ["| data | index | param | recall@10 | queries/s | x flat |", "|---|---|---|---:|---:|---:|"]
     lines += [f"| {r['data']} | {r['index']} | {r['param']} | {r['recall_at_10']:.3f} | {r['qps']:.0f} | "

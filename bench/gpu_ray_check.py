@@ -43,7 +43,6 @@ import inspect
 import json
 import math
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -586,12 +585,6 @@ def stage_evaluate(entry: dict, args, ctx: dict) -> None:
     entry["datasets"] = per
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _requests_from_corpus(dataset_dirs: list[str], n: int) -> list[dict]:
     """Request bodies from the dev/test dialogs of the serving corpora (context images by corpus id)."""
     from dialclip_ray.data.dataset import CanonicalDataset
@@ -646,6 +639,7 @@ def stage_serve(entry: dict, args, ctx: dict) -> None:
 
     from dialclip_ray.index.build import build_index
     from dialclip_ray.serving.app import build_app
+    from dialclip_ray.serving.loopback import free_port
 
     run = ctx.get("run_dialclip") or ctx.get("run_finetune")
     if run is None:
@@ -663,7 +657,7 @@ def stage_serve(entry: dict, args, ctx: dict) -> None:
 
     app_args = {k: v for k, v in app_args.items() if k in AppArgs.model_fields}
     entry["app_args"] = app_args
-    port = _free_port()
+    port = free_port()
     t0 = time.time()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(app_args), name="gpu-check", route_prefix="/")

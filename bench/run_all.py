@@ -30,10 +30,16 @@ PLAN: dict[str, tuple[list[str], list[str] | None]] = {
     "synthetic_fairness": ([], ["--dialogs", "1000", "--out", QUICK_OUT]),
     "index_bench": (["--threads", "1"], ["--sizes", "20000", "--queries", "100", "--hnsw-max", "20000",
                                          "--threads", "1", "--out", QUICK_OUT]),
-    "serve_bench": (["--quick"], ["--quick", "--vectors", "20000", "--shards", "1", "2", "--requests", "40",
-                                  "--max-seconds", "20", "--out", f"{QUICK_OUT}/serve_bench"]),
+    "ann_recall": ([], ["--vectors", "20000", "--queries", "100", "--data", "clustered,uniform",
+                        "--out", f"{QUICK_OUT}/ann_recall"]),  # "model" data needs the benchmark's stores
+    "serve_bench": (["--shards", "4"], ["--quick", "--vectors", "20000", "--shards", "1", "2", "--requests", "40",
+                                        "--max-seconds", "20", "--out", f"{QUICK_OUT}/serve_bench"]),
+    "mmdialog_scale": ([], ["--conversations", "20000", "--out", f"{QUICK_OUT}/mmdialog_scale.json"]),
     "cost_bench": ([], None),  # Ray Train start-up and several training subprocesses: minutes even when small
-    "synthetic_benchmark": ([], None),  # its defaults are the published protocol; trains every variant
+    # the published protocol (README "Synthetic benchmark"); trains every variant
+    "synthetic_benchmark": (["--epochs", "2", "--patience", "1", "--max-train", "4000",
+                             "--max-text-queries", "2500"], None),
+    "chaos": ([], None),  # kills and restarts real clusters: minutes per scenario
 }
 GPU = ("gpu_check", [])
 

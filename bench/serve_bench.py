@@ -24,7 +24,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import sys
 import time
 from pathlib import Path
@@ -149,12 +148,6 @@ def baseline(ckpt: Path, index_dir: Path, bodies: list[dict], requests: int, con
     return {**stats(latencies, time.perf_counter() - t0), "concurrency": concurrency}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def write_report(result: dict, out: Path) -> None:
     import matplotlib
 
@@ -228,6 +221,7 @@ def main() -> int:
     from dialclip_ray.model.backbone import backbone_geometry
     from dialclip_ray.runtime import disable_usage_stats
     from dialclip_ray.serving.app import build_app
+    from dialclip_ray.serving.loopback import free_port
 
     dim = backbone_geometry(model).embed_dim
     ckpt = make_checkpoint(work, model)

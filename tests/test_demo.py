@@ -10,7 +10,7 @@ import sys
 import tempfile
 
 import pytest
-from net_support import free_port
+from dialclip_ray.serving.loopback import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from checkpoint_support import make_checkpoint
-from net_support import free_port
+from dialclip_ray.serving.loopback import free_port
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]

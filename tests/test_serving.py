@@ -26,7 +26,7 @@ from dialclip_ray.serving.dialogs import DialogEncoder
 from dialclip_ray.serving.schemas import RetrieveRequest
 
 from checkpoint_support import make_checkpoint  # noqa: E402
-from net_support import free_port
+from dialclip_ray.serving.loopback import free_port
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]

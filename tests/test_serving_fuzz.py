@@ -36,7 +36,7 @@ from dialclip_ray.model.backbone import backbone_geometry
 from dialclip_ray.serving.app import build_app
 
 from checkpoint_support import make_checkpoint  # noqa: E402
-from net_support import free_port
+from dialclip_ray.serving.loopback import free_port
 
 pytestmark = pytest.mark.slow
 APP = "fuzz"

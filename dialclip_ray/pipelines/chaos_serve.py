@@ -9,7 +9,6 @@ request gives 5xx, failures and the time until every request was answered in ful
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -18,17 +17,12 @@ from pathlib import Path
 import numpy as np
 
 from dialclip_ray.pipelines.chaos import Scenario, micro_checkpoint, prepared_corpus
+from dialclip_ray.serving.loopback import free_port
 from dialclip_ray.serving.loadtest import read_log, start_locust, stop_locust, summarize
 
 APP = "chaos"
 LIMITS = {"shard_timeout_s": 3.0, "encoder_timeout_s": 10.0, "cooloff_s": 1.0, "encoder_cpus": 0.25,
           "shard_cpus": 0.1, "ingress_cpus": 0.1}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def random_index(work: Path, corpus, ckpt: Path) -> Path:
@@ -73,7 +67,7 @@ def start_app(work: Path, **overrides) -> str:
     try:
         port = _get_global_client().http_config.port
     except Exception:
-        port = _free_port()
+        port = free_port()
         # HeadOnly: on a several-node cluster of one machine, a proxy per node would fight over the port
         serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
     serve.run(build_app({"checkpoint": str(ckpt), "index_dir": str(index), **LIMITS, **overrides}),
