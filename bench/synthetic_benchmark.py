@@ -15,8 +15,8 @@ differences are tested pairwise on the same queries. The reusable parts live in
   [6] results     bootstrap statistics -> bench/results/synthetic_benchmark.{json,md,png}
 
 Measured time (2 quiet CPU cores, the settings the README reports:
-``--epochs 3 --max-train 1500 --max-text-queries 2500``; the target is 100 minutes, and a run from
-scratch misses it by about 10):
+``--epochs 2 --patience 1 --max-train 4000 --max-text-queries 2500``; the target is 100 minutes, and
+a run from scratch misses it by about 15-20):
 
   stage                                           measured
   [1] corpus (4,000/500/1,000 PhotoChat-style      2 min (124 s wall at load 7-10)
@@ -27,11 +27,12 @@ scratch misses it by about 10):
   [3] features: 2 stores for the backbone          4 min
   [4] lr: 7 variants x 3 lrs, 1 epoch on 600       25 min (21 proxy runs of 46-82 s, Ray Train
       examples per dataset and type                start-up included)
-  [5] train: 13 runs (dialclip, gated, finetune    54 min (3.5-5.4 min per run: 3 epochs of 70
-      x 3 seeds; 4 variants x 1) + zeroshot        steps, each followed by 1,500 validation queries)
-      rank: 14 models x 4,514 test queries         10 min (38-61 s per model)
-  [6] statistics and files                         8 s
-  total from scratch                               about 110 min (64 min with stages 1-4 cached)
+  [5] train: 13 runs (dialclip, gated, finetune    62 min (2.4-6.9 min per run: validation before
+      x 3 seeds; 4 variants x 1) + zeroshot        training, then up to 2 epochs of 186 steps, each
+                                                   followed by 1,500 validation queries)
+      rank: 14 models x 4,514 test queries         10 min (41-49 s per model)
+  [6] statistics and files                         7 s
+  total from scratch                               about 115-120 min (73 min with stages 1-4 cached)
 
 The defaults (6 epochs x 4,000 examples, every reply query) take about 2.3 min per epoch and
 4+ hours in all: they are the protocol for a bigger machine.
