@@ -91,3 +91,31 @@ def test_resumed_trial_counts_its_epochs_from_its_checkpoints(tmp_path):
                               metrics_dataframe=pd.DataFrame([{"epoch": 3, "val_sum": 20.0, "training_iteration": 1}]))
     row, = trial_table([resumed], spec, tmp_path / "trials")
     assert row["epochs_run"] == 3 and not row["stopped_early"] and row["best_val_sum"] == 30.0
+
+
+def test_a_trial_stopped_by_asha_counts_only_the_epochs_tune_saw(tmp_path):
+    """ASHA stops a trial after Tune saw epoch 2; its workers may still checkpoint epoch 3 before they
+    are killed (a tiny epoch is faster than the stop): the table says 2 epochs, stopped early."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from dialclip_ray.model.checkpoint import save_checkpoint
+    from dialclip_ray.model.config import DialCLIPConfig
+    from dialclip_ray.model.dialclip import build_model
+    from dialclip_ray.tuning.report import trial_table
+    from dialclip_ray.tuning.space import SweepSpec
+
+    model, _ = build_model(DialCLIPConfig(backbone={"model_name": "dialclip-micro"}, context_prompt_length=2,
+                                          cpg_dim=16, cpg_heads=2))
+    history = [{"epoch": e, "val_sum": v} for e, v in ((1, 10.0), (2, 12.0), (3, 40.0))]
+    for epoch in (1, 2, 3):
+        save_checkpoint(model, tmp_path / "trials" / "trial-abc" / f"checkpoint_2026-11-27_0{epoch}",
+                        extra={"epoch": epoch, "history": history[:epoch], "metrics": history[epoch - 1]})
+    spec = SweepSpec.model_validate({"base_config": "base.yaml", "epochs": 3,
+                                     "params": {"lr": {"loguniform": [1e-4, 1e-2]}}})
+    stopped = SimpleNamespace(metrics={"trial_id": "abc", "epoch": 2}, path="x", config={"lr": 1e-3}, error=None,
+                              metrics_dataframe=pd.DataFrame([{"epoch": e, "val_sum": v, "training_iteration": e}
+                                                              for e, v in ((1, 10.0), (2, 12.0))]))
+    row, = trial_table([stopped], spec, tmp_path / "trials")
+    assert row["epochs_run"] == 2 and row["stopped_early"] and row["best_val_sum"] == 12.0

@@ -45,6 +45,9 @@ def trial_table(results, spec: SweepSpec, trials_dir: Path | None = None) -> lis
         trial_id = (result.metrics or {}).get("trial_id", Path(result.path).name)
         history = _checkpoint_history(trials_dir / f"trial-{trial_id}") if trials_dir else []
         frame = result.metrics_dataframe
+        seen = _last_epoch_seen(result)
+        if seen is not None:  # a trial ASHA stopped may still checkpoint the epoch it was in: Tune did not see it
+            history = [h for h in history if int(h.get("epoch", 0)) <= seen]
         if not history and frame is not None and "val_sum" in frame:
             frame = frame[frame["partial"] != 1] if "partial" in frame else frame
             history = frame[["epoch", "val_sum"]].to_dict("records") if "epoch" in frame else \
@@ -57,6 +60,15 @@ def trial_table(results, spec: SweepSpec, trials_dir: Path | None = None) -> lis
                      "stopped_early": bool(history) and epochs_run < spec.epochs,
                      "error": bool(result.error)})
     return sorted(rows, key=lambda r: -r["best_val_sum"] if not math.isnan(r["best_val_sum"]) else math.inf)
+
+
+def _last_epoch_seen(result) -> int | None:
+    """The last epoch the trial reported to Tune (what ASHA decided on), or None if it reported none."""
+    frame = result.metrics_dataframe
+    if frame is not None and "epoch" in frame and len(frame):
+        return int(frame["epoch"].max())
+    epoch = (result.metrics or {}).get("epoch")
+    return int(epoch) if epoch is not None else None
 
 
 def _checkpoint_history(run_dir: Path) -> list[dict]:
