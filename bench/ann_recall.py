@@ -77,27 +77,6 @@ def run_data(name: str, x: np.ndarray, q: np.ndarray, args) -> list[dict]:
     return rows
 
 
-def default_of(rows: list[dict], data: str, index: str) -> dict:
-    """The fastest setting with recall@10 >= 0.95 at >= 10x flat for one (data, index), or where it misses."""
-    found = [r for r in rows if r["data"] == data and r["index"] == index]
-    flat_qps = found[0]["flat_qps"]
-    best = A.pick_default(found, flat_qps)
-    return {"data": data, "index": index, "default": best["param"] if best else None,
-            "note": "recall@10 >= 0.95 at >= 10x flat" if best else A.why_no_default(found, flat_qps)}
-
-
-def merge_into(old: dict, new: dict) -> dict:
-    """``old`` with the (data, index) pairs that ``new`` measured replaced; each run keeps its command."""
-    done = {(r["data"], r["index"]) for r in new["rows"]}
-    keep = lambda items: [r for r in items if (r["data"], r["index"]) not in done]  # noqa: E731
-    order = {pair: i for i, pair in enumerate(dict.fromkeys((r["data"], r["index"]) for r in old["rows"]))}
-    runs = old.get("runs") or [{k: old[k] for k in ("command", "threads", "total_s") if k in old}]
-    return {**old, "notes": {**old.get("notes", {}), **new["notes"]},
-            "runs": runs + [{"command": new["command"], "threads": new["threads"], "total_s": new["total_s"],
-                             "measured": sorted(f"{d}/{i}" for d, i in done)}],
-            "rows": sorted(keep(old["rows"]) + new["rows"], key=lambda r: order.get((r["data"], r["index"]), 99))}
-
-
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -166,10 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     report = {"command": command.strip(), "threads": faiss.omp_get_max_threads(), "queries": args.queries, "k": 10,
               "notes": notes, "rows": rows, "total_s": round(time.time() - t0, 1)}
     if args.merge and out.with_suffix(".json").is_file():
-        report = merge_into(json.loads(out.with_suffix(".json").read_text()), report)
+        report = A.merge_results(json.loads(out.with_suffix(".json").read_text()), report)
     rows = report["rows"]
     pairs = dict.fromkeys((r["data"], r["index"]) for r in rows)
-    report["defaults"] = defaults = [default_of(rows, d, i) for d, i in pairs]
+    report["defaults"] = defaults = [A.default_of(rows, d, i) for d, i in pairs]
     atomic_write_text(out.with_suffix(".json"), json.dumps(report, indent=2) + "\n")
     lines = ["| data | index | param | recall@10 | queries/s | x flat |", "|---|---|---|---:|---:|---:|"]
     lines += [f"| {r['data']} | {r['index']} | {r['param']} | {r['recall_at_10']:.3f} | {r['qps']:.0f} | "

@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from dialclip_ray.index import ann_eval as A
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -63,18 +58,15 @@ def test_fitted_mixture_keeps_the_cluster_structure_in_a_larger_dimension():
         mix.sample(10, 8, seed=0)
 
 
-def test_bench_merge_replaces_only_the_pairs_measured_again():
-    spec = importlib.util.spec_from_file_location("ann_recall", ROOT / "bench" / "ann_recall.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+def test_merge_replaces_only_the_pairs_measured_again():
     row = lambda d, i, r: {"data": d, "index": i, "param": "nprobe=1", "recall_at_10": r, "qps": 10.0,  # noqa: E731
                            "flat_qps": 1.0}
     old = {"command": "python bench/ann_recall.py", "threads": 2, "total_s": 9.0, "notes": {"model": "m"},
            "rows": [row("model", "ivf", 0.5), row("model", "hnsw", 0.6), row("uniform", "ivf", 0.1)]}
     new = {"command": "python bench/ann_recall.py --data model --kinds ivf --merge", "threads": 2, "total_s": 1.0,
            "notes": {"model": "m2"}, "rows": [row("model", "ivf", 0.97)]}
-    merged = bench.merge_into(old, new)
+    merged = A.merge_results(old, new)
     assert [(r["data"], r["index"], r["recall_at_10"]) for r in merged["rows"]] == [
         ("model", "ivf", 0.97), ("model", "hnsw", 0.6), ("uniform", "ivf", 0.1)]
     assert [r["command"] for r in merged["runs"]] == [old["command"], new["command"]]
-    assert bench.default_of(merged["rows"], "model", "ivf")["default"] == "nprobe=1"
+    assert A.default_of(merged["rows"], "model", "ivf")["default"] == "nprobe=1"

@@ -67,9 +67,10 @@ def test_shipped_search_spaces_validate(space):
     assert spec.params and base.model.variant == "dialclip"
 
 
-def test_resumed_trial_counts_its_epochs_from_its_checkpoints(tmp_path):
-    """After the sweep's driver died, Tune sees a resumed trial's reports from 1 again (1 row here);
-    the table reads the trial's own checkpoint history (3 epochs) and does not call it stopped early."""
+def _trial_table_row(tmp_path, scores: tuple[float, ...], checkpointed: tuple[int, ...], tune_metrics: dict,
+                     tune_rows: list[dict]) -> dict:
+    """The trials-table row of one trial "abc" whose checkpoints (epochs ``checkpointed``) hold the history
+    ``scores``, and which reported ``tune_rows`` to Tune (its metrics dataframe)."""
     from types import SimpleNamespace
 
     import pandas as pd
@@ -82,41 +83,29 @@ def test_resumed_trial_counts_its_epochs_from_its_checkpoints(tmp_path):
 
     model, _ = build_model(DialCLIPConfig(backbone={"model_name": "dialclip-micro"}, context_prompt_length=2,
                                           cpg_dim=16, cpg_heads=2))
-    history = [{"epoch": e, "val_sum": v} for e, v in ((1, 10.0), (2, 30.0), (3, 20.0))]
-    for epoch in (2, 3):  # Ray's checkpoint dirs, named by time
+    history = [{"epoch": e, "val_sum": v} for e, v in enumerate(scores, start=1)]
+    for epoch in checkpointed:  # Ray's checkpoint dirs, named by time
         save_checkpoint(model, tmp_path / "trials" / "trial-abc" / f"checkpoint_2026-11-27_0{epoch}",
                         extra={"epoch": epoch, "history": history[:epoch], "metrics": history[epoch - 1]})
     spec = SweepSpec.model_validate({"base_config": "base.yaml", "epochs": 3,
                                      "params": {"lr": {"loguniform": [1e-4, 1e-2]}}})
-    resumed = SimpleNamespace(metrics={"trial_id": "abc"}, path="x", config={"lr": 1e-3}, error=None,
-                              metrics_dataframe=pd.DataFrame([{"epoch": 3, "val_sum": 20.0, "training_iteration": 1}]))
-    row, = trial_table([resumed], spec, tmp_path / "trials")
+    result = SimpleNamespace(metrics={"trial_id": "abc", **tune_metrics}, path="x", config={"lr": 1e-3}, error=None,
+                             metrics_dataframe=pd.DataFrame(tune_rows))
+    row, = trial_table([result], spec, tmp_path / "trials")
+    return row
+
+
+def test_resumed_trial_counts_its_epochs_from_its_checkpoints(tmp_path):
+    """After the sweep's driver died, Tune sees a resumed trial's reports from 1 again (1 row here);
+    the table reads the trial's own checkpoint history (3 epochs) and does not call it stopped early."""
+    row = _trial_table_row(tmp_path, (10.0, 30.0, 20.0), (2, 3), {},
+                           [{"epoch": 3, "val_sum": 20.0, "training_iteration": 1}])
     assert row["epochs_run"] == 3 and not row["stopped_early"] and row["best_val_sum"] == 30.0
 
 
 def test_a_trial_stopped_by_asha_counts_only_the_epochs_tune_saw(tmp_path):
     """ASHA stops a trial after Tune saw epoch 2; its workers may still checkpoint epoch 3 before they
     are killed (a tiny epoch is faster than the stop): the table says 2 epochs, stopped early."""
-    from types import SimpleNamespace
-
-    import pandas as pd
-
-    from dialclip_ray.model.checkpoint import save_checkpoint
-    from dialclip_ray.model.config import DialCLIPConfig
-    from dialclip_ray.model.dialclip import build_model
-    from dialclip_ray.tuning.report import trial_table
-    from dialclip_ray.tuning.space import SweepSpec
-
-    model, _ = build_model(DialCLIPConfig(backbone={"model_name": "dialclip-micro"}, context_prompt_length=2,
-                                          cpg_dim=16, cpg_heads=2))
-    history = [{"epoch": e, "val_sum": v} for e, v in ((1, 10.0), (2, 12.0), (3, 40.0))]
-    for epoch in (1, 2, 3):
-        save_checkpoint(model, tmp_path / "trials" / "trial-abc" / f"checkpoint_2026-11-27_0{epoch}",
-                        extra={"epoch": epoch, "history": history[:epoch], "metrics": history[epoch - 1]})
-    spec = SweepSpec.model_validate({"base_config": "base.yaml", "epochs": 3,
-                                     "params": {"lr": {"loguniform": [1e-4, 1e-2]}}})
-    stopped = SimpleNamespace(metrics={"trial_id": "abc", "epoch": 2}, path="x", config={"lr": 1e-3}, error=None,
-                              metrics_dataframe=pd.DataFrame([{"epoch": e, "val_sum": v, "training_iteration": e}
-                                                              for e, v in ((1, 10.0), (2, 12.0))]))
-    row, = trial_table([stopped], spec, tmp_path / "trials")
+    row = _trial_table_row(tmp_path, (10.0, 12.0, 40.0), (1, 2, 3), {"epoch": 2},
+                           [{"epoch": e, "val_sum": v, "training_iteration": e} for e, v in ((1, 10.0), (2, 12.0))])
     assert row["epochs_run"] == 2 and row["stopped_early"] and row["best_val_sum"] == 12.0

@@ -6,7 +6,9 @@ cluster structure of our model's own embeddings: k-means centres of real DialCLI
 each cluster's spread, placed in the target dimension by a random orthonormal map, so neighbourhoods
 look like the real ones at any size). ``sweep`` builds an index of one kind in shards exactly as
 ``index build`` does (one trained template, cloned per shard, results merged with FAISS's heap)
-and measures recall@10 against exact search and queries/s for each value of the search knob.
+and measures recall@10 against exact search and queries/s for each value of the search knob;
+``default_of`` picks the serving default (or says where the sweep misses it) and ``merge_results``
+folds a remeasurement of some (data, index) pairs into an existing results file.
 """
 
 from __future__ import annotations
@@ -144,3 +146,24 @@ def why_no_default(rows: list[dict], flat_qps: float, recall: float = 0.95, spee
     else:
         parts.append(f"no setting reaches recall@10 {recall} (best {max(r['recall_at_10'] for r in rows):.3f})")
     return "; ".join(parts)
+
+
+def default_of(rows: list[dict], data: str, index: str) -> dict:
+    """The fastest setting with recall@10 >= 0.95 at >= 10x flat for one (data, index), or where it misses."""
+    found = [r for r in rows if r["data"] == data and r["index"] == index]
+    flat_qps = found[0]["flat_qps"]
+    best = pick_default(found, flat_qps)
+    return {"data": data, "index": index, "default": best["param"] if best else None,
+            "note": "recall@10 >= 0.95 at >= 10x flat" if best else why_no_default(found, flat_qps)}
+
+
+def merge_results(old: dict, new: dict) -> dict:
+    """``old`` with the (data, index) pairs that ``new`` measured replaced; each run keeps its command."""
+    done = {(r["data"], r["index"]) for r in new["rows"]}
+    keep = lambda items: [r for r in items if (r["data"], r["index"]) not in done]  # noqa: E731
+    order = {pair: i for i, pair in enumerate(dict.fromkeys((r["data"], r["index"]) for r in old["rows"]))}
+    runs = old.get("runs") or [{k: old[k] for k in ("command", "threads", "total_s") if k in old}]
+    return {**old, "notes": {**old.get("notes", {}), **new["notes"]},
+            "runs": runs + [{"command": new["command"], "threads": new["threads"], "total_s": new["total_s"],
+                             "measured": sorted(f"{d}/{i}" for d, i in done)}],
+            "rows": sorted(keep(old["rows"]) + new["rows"], key=lambda r: order.get((r["data"], r["index"]), 99))}
