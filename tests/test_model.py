@@ -135,8 +135,19 @@ def test_early_context_matters_only_with_context_prompts(micro):
         assert ((a - b).abs().max() > 1e-4) == should_change
 
 
-@pytest.mark.parametrize("form,steps,target", [("ungated", 100, 0.2), ("gated", 200, 0.3)])  # gates start closed
-def test_overfits_a_small_fixed_batch(micro, form, steps, target):
+# Why this test once depended on the CPU's vector unit: it trained at lr 1e-2, ten times the product's
+# default (OptimSection.lr). Adam moves every element by ~lr per step, which for prompts of CLIP's token scale
+# (std 0.02) is half their size: the loss oscillated chaotically around a plateau (one query pair of this
+# random backbone is nearly collinear), and a 1e-6 relative change of the initial weights, like another
+# vector unit's rounding, moved the final loss between 0.17 and 0.29 (ungated) or 0.001 and 1.0 (gated).
+# Two causes, both fixed: the context prompts started 6-8x larger than token rows (model/cpg.py now starts
+# them at the token scale), and the lr. At the default lr every one of 12 perturbed starts converged below
+# 0.005 in 200 steps (ungated) and 400 (gated: its gates open from zero), on AVX-512 and with avx2.
+@pytest.mark.parametrize("form,steps", [("ungated", 200), ("gated", 400)])
+@pytest.mark.parametrize("perturbation", [0.0, 1e-6])
+def test_overfits_a_small_fixed_batch(micro, form, steps, perturbation):
+    from dialclip_ray.train.config import OptimSection
+
     torch.manual_seed(0)
     model, _ = build_model(preset(form, backbone=MICRO), backbone=micro)
     words = ["apple", "river", "engine", "violin", "desert", "castle"]
@@ -145,15 +156,21 @@ def test_overfits_a_small_fixed_batch(micro, form, steps, target):
     replies = tokenize_texts(micro.tokenizer, [f"a reply about the {w}" for w in words])
     batch = TrainBatch(q, "text", target_tokens=replies)
     q.retrieval_type[:] = 1
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    first = None
+    params = [p for p in model.parameters() if p.requires_grad]
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():  # a relative nudge of every trainable tensor, standing in for other rounding
+        for p in params:
+            p.add_(torch.randn(p.shape, generator=gen) * perturbation * p.abs().mean())
+    opt = torch.optim.AdamW(params, lr=OptimSection().lr)
+    losses = []
     for _ in range(steps):
         opt.zero_grad()
         loss = model(batch)["loss"]
-        first = first if first is not None else loss.item()
+        losses.append(loss.item())
         loss.backward()
         opt.step()
-    assert loss.item() < target and first > 1.0
+    assert losses[0] > 1.0
+    assert max(losses[-20:]) < 0.05, f"not converged: last losses {losses[-5:]}"
 
 
 def test_checkpoint_round_trip_and_backbone_check(micro, tmp_path):

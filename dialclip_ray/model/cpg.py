@@ -9,6 +9,12 @@ same position code whatever the dialog length). The generator pools the set
 with ``Lc`` learned queries (masked multi-head attention pooling), refines the
 result with a residual feed-forward layer, and maps it to the text tower's width.
 
+The output layer starts so that fresh prompts have the RMS of the backbone's token embedding rows
+(``token_rms``). With PyTorch's default ``Linear`` init they came out 6-8x larger (0.12-0.16 against
+0.02 for our small CLIPs), and the ungated form's training became chaotic: tests/test_model.py's
+overfit check ended between 0.0 and 0.15 for starts that differed by 1e-6 (like another CPU's rounding);
+at the token scale every such start converges (the frozen blocks see prompts like the tokens they know).
+
 A learned null token is always in the set, so a dialog with no history still has
 something to attend to, and padded turns/images are masked (never truncated to
 the shortest dialog of a batch): an example's prompts do not depend on its batch.
@@ -24,7 +30,8 @@ from dialclip_ray.model.batch import MAX_SPEAKERS
 
 
 class ContextPromptGenerator(nn.Module):
-    def __init__(self, feature_dim: int, hidden: int, out_width: int, length: int, heads: int, max_turns: int):
+    def __init__(self, feature_dim: int, hidden: int, out_width: int, length: int, heads: int, max_turns: int,
+                 token_rms: float | None = None):
         super().__init__()
         self.max_turns = max_turns
         self.map = nn.Linear(feature_dim, hidden)
@@ -36,9 +43,22 @@ class ContextPromptGenerator(nn.Module):
         self.pool = nn.MultiheadAttention(hidden, heads, batch_first=True)
         self.norm = nn.LayerNorm(hidden)
         self.ffn = nn.Sequential(nn.Linear(hidden, 2 * hidden), nn.GELU(), nn.Linear(2 * hidden, hidden))
+        self.out_norm = nn.LayerNorm(hidden)  # unit-RMS input to ``out``, so its init sets the prompts' scale
         self.out = nn.Linear(hidden, out_width)
         for emb in (self.modality, self.speaker, self.recency):
             nn.init.normal_(emb.weight, std=0.02)
+        if token_rms is not None:
+            self._match_output_scale(token_rms)
+
+    @torch.no_grad()
+    def _match_output_scale(self, token_rms: float) -> None:
+        """Rescale ``out`` so prompts of a fresh generator have RMS ``token_rms`` (module doc).
+
+        ``out_norm`` gives ``out`` a unit-RMS input, so weights of std ``token_rms / sqrt(hidden)``
+        and a zero bias give outputs of RMS ~``token_rms``.
+        """
+        nn.init.normal_(self.out.weight, std=token_rms / self.out.in_features ** 0.5)
+        nn.init.zeros_(self.out.bias)
 
     def forward(self, turn_feats: torch.Tensor, turn_mask: torch.Tensor, turn_speaker: torch.Tensor,
                 image_feats: torch.Tensor, image_mask: torch.Tensor, image_turn: torch.Tensor) -> torch.Tensor:
@@ -58,4 +78,4 @@ class ContextPromptGenerator(nn.Module):
         queries = self.queries.unsqueeze(0).expand(b, -1, -1)
         pooled, _ = self.pool(queries, tokens, tokens, key_padding_mask=~keep, need_weights=False)
         pooled = pooled + self.ffn(self.norm(pooled))
-        return self.out(pooled)
+        return self.out(self.out_norm(pooled))

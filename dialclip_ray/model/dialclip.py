@@ -71,8 +71,10 @@ class DialCLIP(nn.Module):
         self.vision_prompts = make_vision_prompts(
             clip.visual, cfg.domain_prompt_init, min(depth or vision_layers, vision_layers),
             cfg.domain_prompt_length, seed=2 * seed + 1) if cfg.vision_prompts else None
+        token_rms = clip.token_embedding.weight.detach().float().pow(2).mean().sqrt().item()
         self.cpg = ContextPromptGenerator(embed_dim, cfg.cpg_dim, text_width, cfg.context_prompt_length,
-                                          cfg.cpg_heads, cfg.max_context_turns) if cfg.context_prompt_length else None
+                                          cfg.cpg_heads, cfg.max_context_turns,
+                                          token_rms=token_rms) if cfg.context_prompt_length else None
         self.query_experts = self.image_expert = self.text_expert = None
         if cfg.uses_experts:
             text_base = lambda x: project_text(self.clip, x)  # noqa: E731
