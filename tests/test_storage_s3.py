@@ -37,12 +37,13 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def s3():
     """moto_server on 127.0.0.1 with one bucket; this process's env points pyarrow/boto3 at it."""
-    exe = shutil.which("moto_server") or os.path.join(os.path.dirname(sys.executable), "moto_server")
+    exe = os.path.join(os.path.dirname(sys.executable), "moto_server")  # this venv's, not one on PATH
+    exe = exe if os.path.exists(exe) else (shutil.which("moto_server") or exe)
     if not os.path.exists(exe):
         pytest.skip("moto_server is not installed (pip install 'moto[server]')")
     port = _free_port()
-    server = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+    server = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=open(os.environ.get("MOTO_LOG", os.devnull), "w"),
+                              stderr=subprocess.STDOUT)
     endpoint = f"http://127.0.0.1:{port}"
     env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
            "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
