@@ -61,7 +61,8 @@ class RunSection(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field("dialclip", pattern=r"^[A-Za-z0-9_.-]+$")
-    storage_path: str = "runs/train"
+    storage_path: str = Field("runs/train", description="where runs live: a local directory (on a cluster: "
+                              "shared by every node), or object storage s3://bucket/prefix, gs://bucket/prefix")
     workers: int = Field(1, ge=1)
     use_gpu: bool = False
     amp: Literal["bf16", "fp16", "none"] = "bf16"  # used on GPU only
