@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             validate_at_start=not proxy and args.validate_at_start)
 
     progress("features: the frozen feature store of each dataset for this backbone (context turns, images)")
-    from dialclip_ray.features.store import ensure_store
+    from dialclip_ray.features.build import ensure_store
 
     for path in (corpus.photochat, corpus.mmdialog):
         ensure_store(path, make_config("dialclip", grid[0]).model, args.features)

@@ -14,6 +14,7 @@ import sys
 # command group -> module defining register(subparsers)
 COMMANDS: dict[str, str] = {
     "model": "dialclip_ray.commands.model_cmd",
+    "weights": "dialclip_ray.commands.weights_cmd",
     "data": "dialclip_ray.commands.data_cmd",
     "features": "dialclip_ray.commands.features_cmd",
     "pretrain": "dialclip_ray.commands.pretrain_cmd",

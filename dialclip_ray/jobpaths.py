@@ -65,7 +65,7 @@ def path_problems(items: Iterable[tuple[str, str | None, bool]], cwd: str | os.P
     cwd = Path(cwd or os.getcwd())
     problems = []
     for what, value, is_output in items:
-        if not value or Path(value).expanduser().is_absolute():
+        if not value or "://" in str(value) or Path(value).expanduser().is_absolute():
             continue
         if is_output:
             problems.append(_transient(value, what))

@@ -10,6 +10,10 @@ run may live in ``<run>/index/``; ``dialclip serve --run R`` then needs no ``--i
 Relative paths are resolved against the current working directory (for ``serve run
 serve/serve_config.yaml``: the directory ``serve run`` was started in; the app builder runs in a
 Ray task that inherits it). Errors say what was looked for, where, and what would produce it.
+
+Run, checkpoint and index locations may be object-store URIs (``s3://``, ``gs://``): they are
+checked through ``dialclip_ray.storage``; ``resolve_checkpoint`` returns the URI itself (Ray Data
+actors read it on their own node), ``resolve_serving`` a node-local copy (``storage.local_dir``).
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+
+from dialclip_ray import storage
 
 BEST = "best"
 LATEST = "latest"
@@ -48,8 +54,26 @@ def is_run_dir(path: Path) -> bool:
     return (path / BEST / WEIGHTS).is_file() or (path / LATEST / WEIGHTS).is_file()
 
 
-def run_checkpoint(run_dir: str | os.PathLike, which: str = BEST, base: str | os.PathLike | None = None) -> Path:
-    """``<run_dir>/best`` (or ``latest``) of a training run directory, absolute."""
+def _uri_checkpoint(path: str, which: str | None) -> str:
+    """The checkpoint at URI ``path`` (itself, or its ``which``/ when it is a run directory)."""
+    if storage.is_file(storage.join(path, WEIGHTS)) and which is None:
+        return path
+    for sub in ([which] if which else [BEST]):
+        if storage.is_file(storage.join(path, sub, WEIGHTS)):
+            return str(storage.join(path, sub))
+    found = storage.list_names(path)[:12]
+    if not found:
+        raise RunDirError(f"run directory {path} does not exist (nothing under that prefix); a run directory is "
+                          f"what `dialclip train` writes at <run.storage_path>/<run.name>/")
+    raise RunDirError(f"{path} is neither a DialCLIP checkpoint (no {WEIGHTS}) nor a training run directory "
+                      f"(no {which or BEST}/{WEIGHTS}); it holds {found}")
+
+
+def run_checkpoint(run_dir: str | os.PathLike, which: str = BEST,
+                   base: str | os.PathLike | None = None) -> Path | str:
+    """``<run_dir>/best`` (or ``latest``) of a training run directory, absolute (a URI stays a URI)."""
+    if storage.is_uri(run_dir):
+        return _uri_checkpoint(str(storage.normalize(run_dir)), which)
     base = Path(base or os.getcwd()).resolve()
     run = _absolute(run_dir, base)
     if not run.is_dir():
@@ -64,8 +88,10 @@ def run_checkpoint(run_dir: str | os.PathLike, which: str = BEST, base: str | os
     return ckpt
 
 
-def resolve_checkpoint(path: str | os.PathLike, base: str | os.PathLike | None = None) -> Path:
+def resolve_checkpoint(path: str | os.PathLike, base: str | os.PathLike | None = None) -> Path | str:
     """A checkpoint directory (or its ``dialclip.pt``) as given, or a run directory's ``best/``; absolute."""
+    if storage.is_uri(path):
+        return _uri_checkpoint(str(storage.normalize(path)), None)
     base = Path(base or os.getcwd()).resolve()
     p = _absolute(path, base)
     if is_checkpoint(p):
@@ -86,6 +112,8 @@ def index_checkpoint(index_dir: Path) -> Path:
     if not named:
         raise RunDirError(f"{info_path} does not name the checkpoint the index was built from; "
                           f"pass `checkpoint` or `run_dir` (dialclip serve --checkpoint/--run) as well")
+    if storage.is_uri(named):
+        return storage.local_dir(_uri_checkpoint(named, None))
     ckpt = Path(named)
     if not is_checkpoint(ckpt):
         raise RunDirError(f"{info_path} names checkpoint {named}, which does not exist here (the index was "
@@ -105,10 +133,19 @@ def resolve_serving(checkpoint: str | None = None, run_dir: str | None = None, i
     if checkpoint and run_dir:
         raise ValueError("give `checkpoint` or `run_dir`, not both (a run directory serves its best/ checkpoint)")
     ckpt = None
+    if run_dir and storage.is_uri(run_dir) and not index_dir \
+            and storage.is_file(storage.join(storage.normalize(run_dir), RUN_INDEX, INDEX_INFO)):
+        index_dir = str(storage.join(storage.normalize(run_dir), RUN_INDEX))
     if run_dir:
         ckpt = run_checkpoint(run_dir, BEST, base)
     elif checkpoint:
         ckpt = resolve_checkpoint(checkpoint, base)
+    if ckpt is not None and storage.is_uri(ckpt):
+        ckpt = storage.local_dir(ckpt)  # serving reads files: a node-local copy of the published checkpoint
+    if index_dir and storage.is_uri(index_dir):
+        if not storage.is_file(storage.join(storage.normalize(index_dir), INDEX_INFO)):
+            raise RunDirError(f"index_dir {index_dir} has no {INDEX_INFO} (not a finished index)")
+        index_dir = str(storage.local_dir(storage.normalize(index_dir)))
     if index_dir:
         index = _absolute(index_dir, base)
         if not (index / INDEX_INFO).is_file():

@@ -1,6 +1,8 @@
 """The one owner of the Ray runtime and of the training mechanics the training loops share.
 
 - ``ensure_ray``: how every library entry point joins or starts Ray (one sizing rule).
+- ``actor_pool``: the resources of every Ray Data encoder pool (features, evaluation, index):
+  asked for, never read off the cluster, so an autoscaler sees the GPU demand.
 - ``build_trainer``: the one ``TorchTrainer`` construction (``dialclip train``, sweep
   trials and CLIP pretraining), so failure handling and checkpoint retention cannot drift.
 - ``warmup_cosine``: the one learning-rate schedule; loops resume it from the scheduler's
@@ -21,6 +23,9 @@ import torch
 
 DEFAULT_LOCAL_CPUS = 4
 CPUS_ENV = "DIALCLIP_RAY_CPUS"
+LOG_LEVEL_ENV = "DIALCLIP_RAY_LOG_LEVEL"
+# Driver settings every Ray worker of the job must see too (weights cache, download cache).
+FORWARDED_ENV = ("DIALCLIP_WEIGHTS_DIR", "DIALCLIP_CACHE_DIR")
 
 
 def disable_usage_stats() -> None:
@@ -59,14 +64,34 @@ def ensure_ray(num_cpus: float = 1, num_gpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     disable_usage_stats()
-    quiet = ray.LoggingConfig(encoding="TEXT", log_level="ERROR")
+    # WARNING by default: "waiting for resources", autoscaler and placement warnings stay visible.
+    logging = ray.LoggingConfig(encoding="TEXT", log_level=os.environ.get(LOG_LEVEL_ENV, "WARNING").upper())
+    env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+    runtime_env = {"env_vars": env} if env else None
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address="auto", logging_config=quiet)
+        ray.init(address="auto", logging_config=logging, runtime_env=runtime_env)
     else:
         # address="local": a new cluster even where `ray start` left one behind (ray.init() would join it).
         # The dashboard hosts the State API that Ray Train V2 uses to clean up placement groups.
         ray.init(address="local", num_cpus=local_cpus(num_cpus), num_gpus=num_gpus, include_dashboard=True,
-                 logging_config=quiet)
+                 logging_config=logging, runtime_env=runtime_env)
+
+
+def actor_pool(actors: int, gpus_per_actor: float = 0.0, cpus_per_actor: float | None = None) -> dict:
+    """``map_batches`` keyword arguments for a pool of ``actors`` encoder actors.
+
+    ``gpus_per_actor`` is requested (``num_gpus``), so the actors wait for, and an autoscaler adds,
+    GPU nodes; 0 means CPU actors. CPUs default to 0.5 per CPU actor and 0.25 beside a GPU (the
+    card does the work; the CPU share only decodes and tokenises).
+    """
+    from ray.data import ActorPoolStrategy
+
+    if actors < 1:
+        raise ValueError(f"actors must be >= 1, got {actors}")
+    if gpus_per_actor < 0:
+        raise ValueError(f"gpus_per_actor must be >= 0, got {gpus_per_actor}")
+    cpus = cpus_per_actor if cpus_per_actor is not None else (0.25 if gpus_per_actor else 0.5)
+    return {"compute": ActorPoolStrategy(size=actors), "num_cpus": cpus, "num_gpus": gpus_per_actor or None}
 
 
 def build_trainer(loop_fn: Callable[[dict], None], loop_config: dict[str, Any], *, name: str, storage_path: str,

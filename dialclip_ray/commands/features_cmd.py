@@ -14,6 +14,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--backbone", default="dialclip-tiny", help="open_clip model name")
     b.add_argument("--pretrained", default=None, help="open_clip tag or local checkpoint path (default: random)")
     b.add_argument("--actors", type=int, default=2, help="encoder actors in the Ray Data pool")
+    b.add_argument("--gpus-per-actor", type=float, default=0.0,
+                   help="GPUs each encoder actor requests (1, or 0.5 to share a card; 0 = CPU actors)")
     b.add_argument("--batch-size", type=int, default=256)
     b.add_argument("--force", action="store_true", help="rebuild even when a matching store exists")
     b.set_defaults(func=build)
@@ -28,7 +30,7 @@ def build(args: argparse.Namespace) -> int:
 
     for data in args.data:
         path = build_feature_store(data, args.backbone, args.pretrained, actors=args.actors,
-                                   batch_size=args.batch_size, force=args.force)
+                                   batch_size=args.batch_size, force=args.force, gpus_per_actor=args.gpus_per_actor)
         meta = check_store(path)
         print(f"{data}: {meta['turns']} turns + {meta['images']} images, dim {meta['dim']}, "
               f"built in {meta['build_seconds']} s -> {path}")

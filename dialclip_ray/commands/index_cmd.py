@@ -25,13 +25,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     isub = p.add_subparsers(dest="index_command", required=True, metavar="ACTION")
     b = isub.add_parser("build", help="embed every image/text of the corpora (Ray Data) and shard them")
     b.add_argument("--checkpoint", required=True,
-                   help="training run directory (uses its best/) or DialCLIP checkpoint directory")
+                   help="training run directory (uses its best/) or DialCLIP checkpoint directory (local or URI)")
     b.add_argument("--corpus", action="append", required=True, help="prepared dataset dir; repeat for several")
-    b.add_argument("--out", required=True, help="index directory to create")
+    b.add_argument("--out", required=True, help="index directory to create (local or s3://, gs:// URI)")
     b.add_argument("--shards", type=int, default=1)
     b.add_argument("--kind", default="flat", choices=["flat", "ivf", "ivfpq", "hnsw"])
     b.add_argument("--param", action="append", default=[], help="index parameter key=value (e.g. nlist=256)")
     b.add_argument("--actors", type=int, default=2, help="encoder actors in the Ray Data pool")
+    b.add_argument("--gpus-per-actor", type=float, default=0.0,
+                   help="GPUs each encoder actor requests (1, or 0.5 to share a card; 0 = CPU actors)")
     b.add_argument("--batch-size", type=int, default=64)
     b.add_argument("--target", action="append", choices=["image", "text"], default=None,
                    help="modalities to index (default: both)")
@@ -53,9 +55,9 @@ def main(args: argparse.Namespace) -> int:
         return 2
     layout = build_index(checkpoint, args.corpus, args.out, shards=args.shards, kind=args.kind, params=params,
                          actors=args.actors, target_types=tuple(args.target or ("image", "text")),
-                         batch_size=args.batch_size, overwrite=args.overwrite)
+                         batch_size=args.batch_size, overwrite=args.overwrite, gpus_per_actor=args.gpus_per_actor)
     for target, m in layout.manifests.items():
         print(f"{target}: {m.total_count} vectors of dim {m.dim} in {len(m.shards)} {m.kind} shard(s) "
-              f"-> {layout.directory / target}")
-    print(f"index written to {layout.directory}")
+              f"-> {args.out}/{target}")
+    print(f"index written to {args.out}")
     return 0

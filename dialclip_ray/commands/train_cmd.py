@@ -14,6 +14,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--storage", default=None, help="where runs live (overrides run.storage_path)")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--pretrained", default=None, help="backbone weights: open_clip tag or local path")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="continue a run whose recorded config differs (the change is recorded in the run); "
+                        "without it such a rerun is refused with the differing fields")
     p.add_argument("--data", action="append", default=None,
                    help="prepared dataset directory; repeat for several (overrides data.train)")
 
@@ -53,8 +56,14 @@ def main(args: argparse.Namespace) -> int:
         for problem in dict.fromkeys(problems):
             print(f"error: {problem}")
         return 2
-    outcome = run_training(cfg)
+    from dialclip_ray.train.run import RunConfigChangedError
+
+    try:
+        outcome = run_training(cfg, allow_config_change=args.allow_config_change)
+    except RunConfigChangedError as exc:
+        print(f"error: {exc}")
+        return 2
     print(f"run: {outcome.run_dir} ({'trained' if outcome.trained else 'already complete, reused'})")
     print(f"best checkpoint: {outcome.best}  val_sum={outcome.best_metrics.get('val_sum', float('nan')):.2f}")
-    print(f"curves: {outcome.run_dir / 'training_curves.png'}")
+    print(f"curves: {outcome.run_dir}/training_curves.png (per step: {outcome.run_dir}/steps.csv, tensorboard/)")
     return 0

@@ -9,10 +9,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("tune", help="hyperparameter sweep with Ray Tune (ASHA on validation Sum)")
     p.add_argument("--space", required=True, help="search space YAML (see tune/)")
     p.add_argument("--samples", type=int, default=None, help="trials (overrides the file's `samples`)")
-    p.add_argument("--gpus-per-trial", type=float, default=0.0)
+    p.add_argument("--gpu", dest="use_gpu", action=argparse.BooleanOptionalAction, default=None,
+                   help="trials' Train workers take one GPU each (--no-gpu: CPU); default: the base config's "
+                        "run.use_gpu. A trial's own driver never holds a GPU")
     p.add_argument("--cpus-per-trial", type=float, default=0.5, help="for the trial driver; workers add their own")
     p.add_argument("--name", default="sweep", help="rerunning a name resumes the sweep")
-    p.add_argument("--storage", default="runs/tune")
+    p.add_argument("--storage", default="runs/tune", help="where sweeps live: a shared directory or s3://, gs://")
     p.set_defaults(func=main)
 
 
@@ -33,15 +35,17 @@ def main(args: argparse.Namespace) -> int:
                 print(f"error: {problem}")
             return 2
     try:
-        out = run_sweep(args.space, args.name, args.storage, args.samples, args.cpus_per_trial, args.gpus_per_trial)
+        out = run_sweep(args.space, args.name, args.storage, args.samples, args.cpus_per_trial, args.use_gpu)
     except SpaceError as exc:
         print(f"error: {exc}")
         return 2
-    print((out.sweep_dir / "trials.md").read_text())
+    from dialclip_ray import storage
+
+    print(storage.read_text(storage.join(out.sweep_dir, "trials.md")))
     print(f"best val Sum {out.best_val_sum:.2f} with {out.best_params}")
     if out.default_val_sum is not None:
         print(f"default config val Sum {out.default_val_sum:.2f} "
               f"(best - default = {out.best_val_sum - out.default_val_sum:+.2f})")
     print(f"best config: {out.best_config_path}  (dialclip train --config {out.best_config_path})")
-    print(f"plots: {out.sweep_dir / 'sensitivity.png'}")
+    print(f"plots: {out.sweep_dir}/sensitivity.png")
     return 0

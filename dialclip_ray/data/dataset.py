@@ -14,7 +14,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -28,8 +28,20 @@ from dialclip_ray.data.images import DEFAULT_MAX_PIXELS, open_image, resolve_ima
 from dialclip_ray.data.layout import examples_files, read_examples
 from dialclip_ray.data.schema import EXAMPLES_SCHEMA, SPLITS, read_meta
 
-if TYPE_CHECKING:
-    from dialclip_ray.features.store import FeatureStore
+
+class ContextFeatures(Protocol):
+    """Frozen features of context turns and images, looked up by text and image id.
+
+    ``features.store.FeatureStore`` implements it; the data layer names only this protocol, so it
+    never imports the feature store (which is built on top of the data layer).
+    """
+
+    @property
+    def dim(self) -> int: ...
+
+    def turns(self, texts: Sequence[str]) -> Any: ...
+
+    def images(self, image_ids: Sequence[str]) -> Any: ...
 
 
 @dataclass
@@ -201,7 +213,7 @@ def image_loader(dataset: CanonicalDataset, transform: Callable, max_pixels: int
 
 
 def build_query_batch(records: Sequence[ExampleRecord], tokenizer: Any, load_image: Callable[[str], torch.Tensor],
-                      cfg: ReaderConfig, features: FeatureStore | None = None) -> QueryBatch:
+                      cfg: ReaderConfig, features: ContextFeatures | None = None) -> QueryBatch:
     """Tensors for the query side of ``records`` (see ``dialclip_ray/model/batch.py`` for the layout).
 
     With a feature store the context turns and images come as frozen features and no context
@@ -251,7 +263,7 @@ def build_query_batch(records: Sequence[ExampleRecord], tokenizer: Any, load_ima
     return QueryBatch(query, turn_tokens, turn_mask, turn_speaker, images, image_mask, image_turn, rtype)
 
 
-def _with_features(store: FeatureStore, kept: list, imgs: list, text_part: tuple, rtype: torch.Tensor,
+def _with_features(store: ContextFeatures, kept: list, imgs: list, text_part: tuple, rtype: torch.Tensor,
                    M: int) -> QueryBatch:
     """The query batch with frozen features from the store in place of context images."""
     query, turn_tokens, turn_mask, turn_speaker = text_part
@@ -273,7 +285,7 @@ def _with_features(store: FeatureStore, kept: list, imgs: list, text_part: tuple
 
 
 def collate_train(records: Sequence[ExampleRecord], tokenizer: Any, load_image: Callable[[str], torch.Tensor],
-                  cfg: ReaderConfig, features: FeatureStore | None = None) -> TrainBatch:
+                  cfg: ReaderConfig, features: ContextFeatures | None = None) -> TrainBatch:
     """Query batch plus positives; all records share one target type (the rest of the batch are negatives)."""
     types = {r.target_type for r in records}
     if len(types) != 1:
@@ -333,7 +345,7 @@ def make_train_loader(dataset: CanonicalDataset, split: str, target_type: str, t
                       image_transform: Callable, cfg: ReaderConfig, batch_size: int, shuffle: bool = True,
                       seed: int = 0, sampler: torch.utils.data.Sampler | None = None, num_workers: int = 0,
                       drop_last: bool = False, max_examples: int | None = None,
-                      features: FeatureStore | None = None, rank: int = 0, world: int = 1
+                      features: ContextFeatures | None = None, rank: int = 0, world: int = 1
                       ) -> torch.utils.data.DataLoader:
     """DataLoader of TrainBatch for one split and target type; the default sampler is one ``EpochSampler``
     (call its ``set_position`` each epoch), sharded by ``rank`` of ``world`` for DDP."""

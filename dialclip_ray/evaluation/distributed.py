@@ -3,8 +3,10 @@
 Each actor loads the checkpoint once (frozen backbone + trainable state) and
 embeds batches of queries, images or texts; the driver gathers the vectors and
 ranks them with exactly the code of the single-process evaluation, so both give
-the same numbers (a test checks this). Actors take a fraction of a GPU where
-one exists, so several share a card.
+the same numbers (a test checks this). The pool's size and GPUs per actor are
+requested (``actors``, ``gpus_per_actor``; 0.5 lets two actors share a card), never
+inferred from what the cluster holds. The checkpoint may be an object-store URI:
+each actor reads it into its node's cache (``storage.local_dir``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from dialclip_ray.model.batch import RETRIEVAL_TYPES, TARGET_TYPES
 from dialclip_ray.data.dataset import CanonicalDataset, ReaderConfig
 from dialclip_ray.evaluation.local import candidate_pool, ranks_for, summarise
 from dialclip_ray.evaluation.metrics import grouped_metrics
-from dialclip_ray.features.store import ensure_store, open_for_model
+from dialclip_ray.features.build import ensure_store
+from dialclip_ray.features.store import open_for_model
 
 
 class EncoderActor:
@@ -33,10 +36,11 @@ class EncoderActor:
 
         from dialclip_ray.model.checkpoint import load_checkpoint
         from dialclip_ray.data.dataset import image_loader
+        from dialclip_ray.storage import local_dir
 
         torch.set_num_threads(threads)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model, self.backbone, _ = load_checkpoint(checkpoint, device=self.device)
+        self.model, self.backbone, _ = load_checkpoint(local_dir(checkpoint), device=self.device)
         self.model.eval()
         self.dataset = CanonicalDataset.load(dataset_dir)
         self.reader = ReaderConfig.from_model_config(self.model.cfg)
@@ -68,23 +72,20 @@ class EncoderActor:
 
 
 def embed_many_with_ray(checkpoint: str, dataset_dir: str, items: list[tuple[str, str]], split: str | None = None,
-                        actors: int = 2, batch_size: int = 64, gpu_fraction: float | None = None,
+                        actors: int = 2, batch_size: int = 64, gpus_per_actor: float = 0.0,
                         features: str = "off") -> dict[tuple[str, str], np.ndarray]:
     """Embeddings of ``(kind, key)`` items computed by a pool of ``actors`` encoder actors."""
-    import ray
     import ray.data
-    from ray.data import ActorPoolStrategy
+
+    from dialclip_ray.runtime import actor_pool
 
     if not items:
         return {}
-    if gpu_fraction is None:
-        gpu_fraction = 1.0 / actors if ray.cluster_resources().get("GPU", 0) else 0.0
     ds = ray.data.from_items([{"kind": kind, "key": key} for kind, key in items])
     out = ds.map_batches(
         EncoderActor, fn_constructor_kwargs=dict(checkpoint=str(checkpoint), dataset_dir=str(dataset_dir),
                                                  split=split, features=features),
-        compute=ActorPoolStrategy(size=actors), batch_size=batch_size,
-        num_cpus=0.5 if not gpu_fraction else 0.25, num_gpus=gpu_fraction or None)
+        batch_size=batch_size, **actor_pool(actors, gpus_per_actor))
     found = {}
     for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
         for kind, key, e in zip(batch["kind"], batch["key"], batch["embedding"]):
@@ -93,18 +94,18 @@ def embed_many_with_ray(checkpoint: str, dataset_dir: str, items: list[tuple[str
 
 
 def embed_with_ray(checkpoint: str, dataset_dir: str, kind: str, keys: list[str], split: str | None = None,
-                   actors: int = 2, batch_size: int = 64, gpu_fraction: float | None = None) -> np.ndarray:
+                   actors: int = 2, batch_size: int = 64, gpus_per_actor: float = 0.0) -> np.ndarray:
     """Embeddings of ``keys`` of one kind, in order."""
     if not keys:
         return np.zeros((0, 0), np.float32)
     found = embed_many_with_ray(checkpoint, dataset_dir, [(kind, k) for k in keys], split, actors, batch_size,
-                                gpu_fraction)
+                                gpus_per_actor)
     return np.stack([found[(kind, k)] for k in keys])
 
 
 def evaluate_with_ray(checkpoint: str | Path, dataset_dir: str | Path, split: str, actors: int = 2,
                       batch_size: int = 64, max_examples: int | None = None, features: str = "auto",
-                      return_ranks: bool = False) -> dict:
+                      return_ranks: bool = False, gpus_per_actor: float = 0.0) -> dict:
     """The metrics of ``evaluation.evaluate_model``, with all embedding done in one Ray Data pass.
 
     ``features``: ``auto`` builds the dataset's frozen feature store when missing and reads
@@ -114,10 +115,11 @@ def evaluate_with_ray(checkpoint: str | Path, dataset_dir: str | Path, split: st
     """
     from dialclip_ray.model.checkpoint import read_checkpoint
     from dialclip_ray.model.config import DialCLIPConfig
+    from dialclip_ray.storage import local_dir, normalize
 
-    checkpoint, dataset_dir = str(Path(checkpoint).resolve()), str(Path(dataset_dir).resolve())
-    ensure_store(dataset_dir, DialCLIPConfig.model_validate(read_checkpoint(checkpoint)[0]["config"]), features,
-                 actors)
+    checkpoint, dataset_dir = str(normalize(checkpoint)), str(Path(dataset_dir).resolve())
+    ensure_store(dataset_dir, DialCLIPConfig.model_validate(read_checkpoint(local_dir(checkpoint))[0]["config"]),
+                 features, actors, gpus_per_actor)
     dataset = CanonicalDataset.load(dataset_dir)
     plan = {}
     for target_type in TARGET_TYPES:
@@ -126,7 +128,7 @@ def evaluate_with_ray(checkpoint: str | Path, dataset_dir: str | Path, split: st
             plan[target_type] = (records, candidate_pool(dataset, records, split, target_type))
     items = [("query", r.id) for records, _ in plan.values() for r in records]
     items += list(dict.fromkeys((t, c) for t, (_, pool) in plan.items() for c in pool))
-    found = embed_many_with_ray(checkpoint, dataset_dir, items, split, actors, batch_size,
+    found = embed_many_with_ray(checkpoint, dataset_dir, items, split, actors, batch_size, gpus_per_actor,
                                 features="off" if features == "off" else "require")
     per_type, all_ranks = {}, {}
     for target_type, (records, pool_ids) in plan.items():

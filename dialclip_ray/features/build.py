@@ -6,11 +6,18 @@ weights hash against the driver's, so every vector comes from the same weights);
 the driver gathers the vectors and writes the store atomically. Only context
 turns and context images are embedded: candidates are encoded by the *prompted*
 towers, whose output changes during training.
+
+The pool's size and each actor's GPUs are asked for (``actors``, ``gpus_per_actor``;
+``dialclip features build --actors/--gpus-per-actor``, ``data.feature_actors`` /
+``data.feature_gpus_per_actor`` in a training config), never inferred from what the cluster
+holds at that moment: an autoscaled cluster starts without GPU nodes, and only a request for
+GPUs makes the autoscaler add one.
 """
 
 from __future__ import annotations
 
 import time
+import os
 from pathlib import Path
 from typing import Any
 
@@ -18,15 +25,15 @@ import numpy as np
 
 from dialclip_ray.data.dataset import CanonicalDataset
 from dialclip_ray.data.schema import SPLITS
-from dialclip_ray.features.store import (FeatureStoreError, check_store, dataset_fingerprint, store_dir,
-                                         text_key, write_store)
+from dialclip_ray.features.store import (FEATURE_MODES, FeatureMode, FeatureStoreError, check_store,
+                                         dataset_fingerprint, needs_store, store_dir, text_key, write_store)
 
 
 class FrozenEncoder:
     """Ray Data UDF: frozen CLIP text/image embeddings in float32, plus each image's content key."""
 
     def __init__(self, model_name: str, pretrained: str | None, weights_hash: str, dataset_dir: str,
-                 threads: int = 1):
+                 threads: int = 1, cache_dir: str | None = None):
         import torch
 
         from dialclip_ray.data.dataset import image_loader
@@ -35,7 +42,7 @@ class FrozenEncoder:
 
         torch.set_num_threads(threads)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.backbone = load_backbone(model_name, pretrained)
+        self.backbone = load_backbone(model_name, pretrained, cache_dir=cache_dir)
         got = hash_of(self.backbone.model)
         if got != weights_hash:
             raise FeatureStoreError(f"encoder actor loaded {model_name} weights {got}, driver expected "
@@ -96,17 +103,17 @@ def context_items(dataset: CanonicalDataset) -> tuple[list[str], list[str]]:
 
 
 def _embed(items: list[dict], model_name: str, pretrained: str | None, weights_hash: str, dataset_dir: str,
-           actors: int, batch_size: int) -> dict[str, tuple[list, list, list]]:
-    import ray
+           actors: int, batch_size: int, gpus_per_actor: float = 0.0,
+           cache_dir: str | None = None) -> dict[str, tuple[list, list, list]]:
     import ray.data
-    from ray.data import ActorPoolStrategy
 
-    gpu = bool(ray.cluster_resources().get("GPU", 0))
+    from dialclip_ray.runtime import actor_pool
+
     ds = ray.data.from_items(items).map_batches(
         FrozenEncoder, fn_constructor_kwargs=dict(model_name=model_name, pretrained=pretrained,
-                                                  weights_hash=weights_hash, dataset_dir=dataset_dir),
-        compute=ActorPoolStrategy(size=actors), batch_size=batch_size,
-        num_cpus=0.5 if not gpu else 0.25, num_gpus=(1.0 / actors) if gpu else None)
+                                                  weights_hash=weights_hash, dataset_dir=dataset_dir,
+                                                  cache_dir=cache_dir),
+        batch_size=batch_size, **actor_pool(actors, gpus_per_actor))
     out: dict[str, tuple[list, list, list]] = {"turn": ([], [], []), "image": ([], [], [])}
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for kind, value, key, feat in zip(batch["kind"], batch["value"], batch["key"], batch["feature"]):
@@ -117,20 +124,22 @@ def _embed(items: list[dict], model_name: str, pretrained: str | None, weights_h
     return out
 
 
-def locate_store(dataset_dir: str | Path, model_name: str, pretrained: str | None) -> tuple[Path, str]:
+def locate_store(dataset_dir: str | Path, model_name: str, pretrained: str | None,
+                 cache_dir: str | None = None) -> tuple[Path, str]:
     """(store directory, weights hash) for a backbone: loads it once to hash its weights."""
     from dialclip_ray.model.backbone import load_backbone, weights_hash
 
-    whash = weights_hash(load_backbone(model_name, pretrained).model)
+    whash = weights_hash(load_backbone(model_name, pretrained, cache_dir=cache_dir).model)
     return store_dir(Path(dataset_dir).resolve(), model_name, whash), whash
 
 
 def build_feature_store(dataset_dir: str | Path, model_name: str, pretrained: str | None = None,
                         out: str | Path | None = None, actors: int = 2, batch_size: int = 256,
-                        force: bool = False) -> Path:
+                        force: bool = False, gpus_per_actor: float = 0.0, cache_dir: str | None = None) -> Path:
     """Embed the dataset's context turns and images with the frozen backbone; return the store directory.
 
-    Reuses a complete, matching store unless ``force``. Starts (or joins) Ray itself.
+    Reuses a complete, matching store unless ``force``. Starts (or joins) Ray itself. The pool is
+    ``actors`` actors of ``gpus_per_actor`` GPUs each (0: CPU actors).
     """
     from dialclip_ray.model.backbone import load_backbone, weights_hash
     from dialclip_ray.runtime import ensure_ray
@@ -138,7 +147,7 @@ def build_feature_store(dataset_dir: str | Path, model_name: str, pretrained: st
     dataset_dir = Path(dataset_dir).resolve()
     if pretrained and Path(pretrained).expanduser().exists():
         pretrained = str(Path(pretrained).expanduser().resolve())
-    backbone = load_backbone(model_name, pretrained)
+    backbone = load_backbone(model_name, pretrained, cache_dir=cache_dir)
     whash = weights_hash(backbone.model)
     out = Path(out) if out else store_dir(dataset_dir, model_name, whash)
     if not force:
@@ -155,7 +164,8 @@ def build_feature_store(dataset_dir: str | Path, model_name: str, pretrained: st
     found = {"turn": ([], [], []), "image": ([], [], [])}
     if items:
         ensure_ray(num_cpus=actors)
-        found = _embed(items, model_name, pretrained, whash, str(dataset_dir), actors, batch_size)
+        found = _embed(items, model_name, pretrained, whash, str(dataset_dir), actors, batch_size, gpus_per_actor,
+                       cache_dir)
 
     def stack(feats: list) -> np.ndarray:
         return np.stack(feats).astype(np.float32) if feats else np.zeros((0, dim), np.float32)
@@ -167,3 +177,19 @@ def build_feature_store(dataset_dir: str | Path, model_name: str, pretrained: st
             "splits": [s for s in SPLITS if s in dataset.splits()], "build_seconds": round(time.time() - t0, 2),
             "dim": dim}
     return write_store(out, info, turn_keys, stack(turn_feats), image_keys, image_values, stack(image_feats))
+
+
+def ensure_store(dataset_dir: str | os.PathLike, model_cfg: Any, mode: FeatureMode = "auto",
+                 actors: int = 2, gpus_per_actor: float = 0.0) -> Path | None:
+    """Driver side: make sure the store exists for ``model_cfg``'s backbone (build it in ``auto`` mode)."""
+    if mode not in FEATURE_MODES:
+        raise ValueError(f"features mode must be one of {FEATURE_MODES}, got {mode!r}")
+    if mode == "off" or not needs_store(model_cfg):
+        return None
+    backbone = model_cfg.backbone
+    if mode == "require":
+        path, whash = locate_store(dataset_dir, backbone.model_name, backbone.pretrained, backbone.cache_dir)
+        check_store(path, whash, dataset_dir)
+        return path
+    return build_feature_store(dataset_dir, backbone.model_name, backbone.pretrained, actors=actors,
+                               gpus_per_actor=gpus_per_actor, cache_dir=backbone.cache_dir)

@@ -213,20 +213,3 @@ def open_for_model(dataset_dir: str | os.PathLike, model: Any, mode: FeatureMode
     ident = model.identity
     return FeatureStore.open(store_dir(dataset_dir, ident["model_name"], ident["weights_hash"]),
                              ident["weights_hash"], dataset_dir)
-
-
-def ensure_store(dataset_dir: str | os.PathLike, model_cfg: Any, mode: FeatureMode = "auto",
-                 actors: int = 2) -> Path | None:
-    """Driver side: make sure the store exists for ``model_cfg``'s backbone (build it in ``auto`` mode)."""
-    if mode not in FEATURE_MODES:
-        raise ValueError(f"features mode must be one of {FEATURE_MODES}, got {mode!r}")
-    if mode == "off" or not needs_store(model_cfg):
-        return None
-    from dialclip_ray.features.build import build_feature_store, locate_store
-
-    if mode == "require":
-        path, whash = locate_store(dataset_dir, model_cfg.backbone.model_name, model_cfg.backbone.pretrained)
-        check_store(path, whash, dataset_dir)
-        return path
-    return build_feature_store(dataset_dir, model_cfg.backbone.model_name, model_cfg.backbone.pretrained,
-                               actors=actors)

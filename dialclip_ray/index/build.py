@@ -1,7 +1,11 @@
 """The index build job: embed prepared corpora with a checkpoint (Ray Data) and write a serving index.
 
 Every image and text id of the corpora is embedded by an actor pool of encoders
-(``evaluation.distributed``) and written with ``layout.write_index``.
+(``evaluation.distributed``) and written with ``layout.write_index``. The pool's size
+and GPUs per actor are requested (``--actors``, ``--gpus-per-actor``). The checkpoint
+and the output may be object-store URIs: the index is built in a local directory and
+uploaded when complete (``index.json`` last, so a reader never takes a partial one),
+and ``index.json`` names the checkpoint by its URI, so any node can serve it.
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ def collect_items(corpus_dirs: Sequence[Path], target: str) -> _Items:
 
 
 def embed_items(checkpoint: str, corpus_dirs: Sequence[Path], target: str, items: _Items, actors: int,
-                batch_size: int) -> np.ndarray:
+                batch_size: int, gpus_per_actor: float = 0.0) -> np.ndarray:
     """Vectors for ``items`` in order, each corpus's ids embedded by a Ray Data encoder pool."""
     from dialclip_ray.evaluation.distributed import embed_with_ray
 
@@ -61,7 +65,7 @@ def embed_items(checkpoint: str, corpus_dirs: Sequence[Path], target: str, items
         if not len(rows):
             continue
         vecs = embed_with_ray(checkpoint, str(directory), target, [items.ids[r] for r in rows], None, actors,
-                              batch_size)
+                              batch_size, gpus_per_actor)
         if out is None:
             out = np.zeros((len(items.ids), vecs.shape[1]), np.float32)
         out[rows] = vecs
@@ -72,7 +76,7 @@ def embed_items(checkpoint: str, corpus_dirs: Sequence[Path], target: str, items
 def build_index(checkpoint: str | os.PathLike, corpus_dirs: Sequence[str | os.PathLike], out: str | os.PathLike,
                 shards: int = 1, kind: str = "flat", params: dict[str, Any] | None = None, actors: int = 2,
                 target_types: Sequence[str] = TARGETS, batch_size: int = 64, overwrite: bool = False,
-                use_gpu: bool | None = None) -> IndexLayout:
+                use_gpu: bool | None = None, gpus_per_actor: float = 0.0) -> IndexLayout:
     """Embed every image/text of ``corpus_dirs`` with ``checkpoint`` and write ``OUT/{image,text}/``.
 
     Starts (or joins) Ray itself (``runtime.ensure_ray``). A modality with fewer items than
@@ -80,11 +84,12 @@ def build_index(checkpoint: str | os.PathLike, corpus_dirs: Sequence[str | os.Pa
     """
     from tqdm.auto import tqdm
 
+    from dialclip_ray import storage
     from dialclip_ray.index import validate_params
     from dialclip_ray.runtime import ensure_ray
 
-    out = Path(out).resolve()
-    checkpoint = str(Path(checkpoint).resolve())
+    out = storage.normalize(out)
+    checkpoint = str(storage.normalize(checkpoint))
     dirs = [Path(d).resolve() for d in corpus_dirs]
     if not dirs:
         raise ValueError("build_index needs at least one --corpus directory")
@@ -94,9 +99,9 @@ def build_index(checkpoint: str | os.PathLike, corpus_dirs: Sequence[str | os.Pa
     if shards < 1:
         raise ValueError(f"shards must be >= 1, got {shards}")
     validate_params(kind, params)
-    if out.exists() and not overwrite:
+    if storage.exists(out) and not overwrite:
         raise FileExistsError(f"{out} already exists (pass overwrite=True / --overwrite to replace it)")
-    identity = checkpoint_identity(checkpoint)
+    identity = checkpoint_identity(storage.local_dir(checkpoint))
     corpora = []
     for d in dirs:
         meta = read_meta(d)
@@ -106,9 +111,24 @@ def build_index(checkpoint: str | os.PathLike, corpus_dirs: Sequence[str | os.Pa
     for target in tqdm(list(target_types), desc="embedding modalities", disable=None):
         items = collect_items(dirs, target)
         if items.ids:
-            vectors = embed_items(checkpoint, dirs, target, items, actors, batch_size)
+            vectors = embed_items(checkpoint, dirs, target, items, actors, batch_size, gpus_per_actor)
             metadata = pa.table({name: pa.array(values, pa.string()) for name, values in items.meta.items()})
             modalities[target] = (items.ids, vectors, metadata)
     if not modalities:
         raise ValueError(f"no {' or '.join(target_types)} items in {[str(d) for d in dirs]}")
-    return write_index(out, modalities, identity, shards, kind, params, corpora, checkpoint, overwrite, use_gpu)
+    if not storage.is_uri(out):
+        return write_index(out, modalities, identity, shards, kind, params, corpora, checkpoint, overwrite, use_gpu)
+    import tempfile
+
+    local = Path(tempfile.mkdtemp(prefix="index-", dir=storage._mkdir(storage.cache_root()))) / storage.name_of(out)
+    layout = write_index(local, modalities, identity, shards, kind, params, corpora, checkpoint, False, use_gpu)
+    from dialclip_ray.index.layout import INFO_FILE
+
+    info = (local / INFO_FILE).read_text()
+    (local / INFO_FILE).unlink()
+    if storage.exists(out):  # --overwrite: no file of the old index may survive beside the new one
+        storage.delete_dir(out)
+    storage.upload_dir(local, out)
+    storage.write_text(storage.join(out, INFO_FILE), info)  # last: its presence = complete
+    (local / INFO_FILE).write_text(info)
+    return layout

@@ -6,6 +6,12 @@ whatever open_clip can load we can load. Our own small configs (used by the
 tests and the synthetic demo) are registered with ``open_clip.add_model_config``
 rather than copied into open_clip.
 
+Two things open_clip leaves to the caller are done here, in the one place backbones are built:
+the activation a tag was trained with (OpenAI's CLIPs and several others used QuickGELU; open_clip
+only warns when the model config disagrees, so ``ViT-B-32`` + ``openai`` would silently run GELU),
+and where downloaded weights are cached (``weights_dir``: one directory every worker and replica
+reads, filled once by ``dialclip weights fetch``).
+
 Only ViT-based CLIPs of open_clip's ``CLIP`` class are supported: the prompt
 injection runs its own loop over ``transformer.resblocks`` and the vision
 tower's blocks, which ResNet towers, timm towers, HF text towers and CoCa's
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -29,6 +36,7 @@ MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 OUR_MODELS = tuple(sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json")))  # micro, small, tiny
 _registered = False
 RANDOM_INIT_SEED = 0
+WEIGHTS_DIR_ENV = "DIALCLIP_WEIGHTS_DIR"
 
 
 def register_model_configs() -> None:
@@ -145,9 +153,52 @@ def check_supported(model: torch.nn.Module, model_name: str) -> None:
             f"backbone {model_name!r} pools text with {model.text_pool_type!r}; supported: argmax/eos pooling")
 
 
+def weights_dir(configured: str | None = None) -> str | None:
+    """open_clip's download cache: ``configured`` (``model.backbone.cache_dir``), else ``$DIALCLIP_WEIGHTS_DIR``.
+
+    None leaves open_clip's default (``~/.cache``), which is per node: on a cluster point both at a
+    shared directory so the weights are downloaded once, not by every worker and replica.
+    """
+    chosen = configured or os.environ.get(WEIGHTS_DIR_ENV) or None
+    return str(Path(chosen).expanduser()) if chosen else None
+
+
+def needs_quick_gelu(model_name: str, pretrained: str | None) -> bool:
+    """Whether open_clip's registry says the tag ``pretrained`` of ``model_name`` was trained with QuickGELU.
+
+    Read from the tag's own pretrained config (``quick_gelu``), so it covers every such tag (all of
+    OpenAI's and the ``-quickgelu`` families) as open_clip lists them. Local files and hf-hub names carry
+    no tag: use the ``-quickgelu`` model config for OpenAI weights stored as a file.
+    """
+    if not pretrained or model_name.startswith(("hf-hub:", "local-dir:")):
+        return False
+    return bool(open_clip.get_pretrained_cfg(model_name, pretrained).get("quick_gelu", False))
+
+
+def fetch_weights(model_name: str, pretrained: str, cache_dir: str | None = None) -> Path:
+    """Download a tag's weights into the cache (``weights_dir(cache_dir)``) once; return the file.
+
+    What ``dialclip weights fetch`` runs on one node before a cluster job, so workers find the file.
+    """
+    register_model_configs()
+    cfg = open_clip.get_pretrained_cfg(model_name, pretrained)
+    if not cfg:
+        raise FileNotFoundError(f"{pretrained!r} is not an open_clip pretrained tag of {model_name!r} "
+                                f"(tags: {open_clip.list_pretrained_tags_by_model(model_name)})")
+    target = open_clip.pretrained.download_pretrained(cfg, cache_dir=weights_dir(cache_dir))
+    if not target or not Path(target).is_file():
+        raise FileNotFoundError(f"open_clip returned no file for {model_name}/{pretrained} (got {target!r})")
+    return Path(target)
+
+
 def load_backbone(model_name: str, pretrained: str | None = None, device: str | torch.device = "cpu",
-                  precision: str = "fp32") -> Backbone:
-    """Create an open_clip model and its transforms and tokenizer; freeze nothing yet."""
+                  precision: str = "fp32", cache_dir: str | None = None, load_weights: bool = True) -> Backbone:
+    """Create an open_clip model and its transforms and tokenizer; freeze nothing yet.
+
+    The network is the one ``pretrained`` was trained as (QuickGELU where the tag says so).
+    ``load_weights=False`` builds that network with random weights and downloads nothing (tests,
+    ``device="meta"`` for a shape-only look).
+    """
     register_model_configs()
     if pretrained and not model_name.startswith("hf-hub:") and not Path(pretrained).exists() \
             and pretrained not in open_clip.list_pretrained_tags_by_model(model_name):
@@ -161,7 +212,9 @@ def load_backbone(model_name: str, pretrained: str | None = None, device: str | 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_INIT_SEED)
         model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-            model_name, pretrained=pretrained or None, device=device, precision=precision)
+            model_name, pretrained=(pretrained or None) if load_weights else None, device=device,
+            precision=precision, force_quick_gelu=needs_quick_gelu(model_name, pretrained),
+            cache_dir=weights_dir(cache_dir))
     check_supported(model, model_name)
     tokenizer = open_clip.get_tokenizer(model_name)
     return Backbone(model_name, pretrained, model, preprocess_train, preprocess_val, tokenizer)

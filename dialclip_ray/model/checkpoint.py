@@ -81,7 +81,8 @@ def load_checkpoint(path: str | os.PathLike, backbone: Backbone | None = None, p
     cfg = DialCLIPConfig.model_validate(meta["config"])
     ident = meta["backbone"]
     if backbone is None:
-        backbone = load_backbone(ident["model_name"], pretrained or ident.get("pretrained"))
+        backbone = load_backbone(ident["model_name"], pretrained or ident.get("pretrained"),
+                                 cache_dir=cfg.backbone.cache_dir)
     if backbone.model_name != ident["model_name"]:
         raise BackboneMismatchError(
             f"checkpoint {path} was trained on backbone {ident['model_name']!r}, not {backbone.model_name!r}")

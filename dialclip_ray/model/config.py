@@ -24,6 +24,9 @@ class BackboneConfig(BaseModel):
     model_name: str = "dialclip-tiny"
     # An open_clip tag ("openai", "laion2b_s34b_b79k"), a local checkpoint path, or None (random init).
     pretrained: str | None = None
+    cache_dir: str | None = Field(None, description="where downloaded weights are cached (None: "
+                                  "$DIALCLIP_WEIGHTS_DIR, else open_clip's per-node ~/.cache); on a cluster a "
+                                  "shared directory filled once by `dialclip weights fetch`")
 
 
 class DialCLIPConfig(BaseModel):

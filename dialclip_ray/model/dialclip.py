@@ -217,7 +217,8 @@ def build_model(cfg: DialCLIPConfig, backbone: Backbone | None = None, device: s
     never made trainable by a frozen variant, and a finetune model trains a copy of it.
     """
     if backbone is None:
-        backbone = load_backbone(cfg.backbone.model_name, cfg.backbone.pretrained, device="cpu")
+        backbone = load_backbone(cfg.backbone.model_name, cfg.backbone.pretrained, device="cpu",
+                                 cache_dir=cfg.backbone.cache_dir)
     identity = {"model_name": backbone.model_name, "pretrained": backbone.pretrained}
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG stream
         torch.manual_seed(seed)

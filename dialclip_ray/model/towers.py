@@ -23,12 +23,12 @@ positional embedding and before ``ln_pre``, refreshed before each of the first
 
 Two attention forms (``DialCLIPConfig.prompt_gate``):
 
-- *ungated* (the paper's form, the default): every block is open_clip's own
+- *ungated* (the paper's form; `prompt_gate: false`): every block is open_clip's own
   ``ResidualAttentionBlock`` over the whole sequence, so a token's softmax mixes
   prompt and token columns. Fresh prompts therefore move every embedding at once
   (mean cosine 0.63-0.81 with zero-shot CLIP's): training starts
   away from CLIP's aligned space.
-- *gated* (LLaMA-Adapter's zero-init gated attention): in each block where
+- *gated* (the default, `prompt_gate: true`; LLaMA-Adapter's zero-init gated attention): in each block where
   prompt positions exist, our own attention from the block's own weights
   (``ln_1``, ``attn.in_proj_*``, ``attn.out_proj``, ``ls_1``, ``ln_2``, ``mlp``,
   ``ls_2``; open_clip untouched). For the non-prompt rows (SOT, tokens, pad; CLS,

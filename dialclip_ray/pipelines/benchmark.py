@@ -118,7 +118,8 @@ def rank_queries(model, backbone, dataset_dir: str | os.PathLike, split: str = "
     dataset = CanonicalDataset.load(dataset_dir)
     store = None
     if features != "off":
-        from dialclip_ray.features.store import ensure_store, open_for_model
+        from dialclip_ray.features.build import ensure_store
+        from dialclip_ray.features.store import open_for_model
 
         ensure_store(dataset_dir, model.cfg, features)
         store = open_for_model(dataset_dir, model, features)

@@ -18,7 +18,10 @@ def parse_named(specs: list[str]) -> dict[str, str]:
     named = {}
     for spec in specs:
         name, sep, path = spec.partition("=")
-        if not sep:
+        if not sep and "://" in spec:  # a URI: name it after its run directory (never Path(...).resolve())
+            parts = spec.rstrip("/").split("/")
+            name, path = parts[-2] if parts[-1] in ("best", "latest") else parts[-1], spec
+        elif not sep:
             name, path = Path(spec).resolve().parent.name if Path(spec).name in ("best", "latest") \
                 else Path(spec).name, spec
         named[name] = path
@@ -27,7 +30,8 @@ def parse_named(specs: list[str]) -> dict[str, str]:
 
 def evaluate_checkpoints(checkpoints: dict[str, str], data: str, split: str = "test", out: str | None = None,
                          distributed: bool = True, actors: int = 2, batch_size: int = 64,
-                         max_examples: int | None = None, compare: bool = False) -> dict:
+                         max_examples: int | None = None, compare: bool = False,
+                         gpus_per_actor: float = 0.0) -> dict:
     """Evaluate each named checkpoint on ``data``; with ``compare`` (distributed only), also the paired
     difference of the first model against each other one, per retrieval type, on the same queries
     (Sum and R@1, 95% bootstrap CI over queries): ``report["comparisons"]`` and its Markdown table."""
@@ -39,13 +43,16 @@ def evaluate_checkpoints(checkpoints: dict[str, str], data: str, split: str = "t
             from dialclip_ray.runtime import ensure_ray
 
             ensure_ray(num_cpus=actors)
-            res = evaluate_with_ray(path, data, split, actors, batch_size, max_examples, return_ranks=compare)
+            res = evaluate_with_ray(path, data, split, actors, batch_size, max_examples, return_ranks=compare,
+                                    gpus_per_actor=gpus_per_actor)
         else:
             from dialclip_ray.model.checkpoint import load_checkpoint
             from dialclip_ray.data.dataset import CanonicalDataset
             from dialclip_ray.evaluation.local import evaluate_model
 
-            model, backbone, _ = load_checkpoint(path)
+            from dialclip_ray.storage import local_dir
+
+            model, backbone, _ = load_checkpoint(local_dir(path))
             res = evaluate_model(model, backbone, CanonicalDataset.load(data), split, batch_size=batch_size,
                                  max_examples=max_examples)
         res["seconds"] = time.time() - t0
@@ -59,11 +66,12 @@ def evaluate_checkpoints(checkpoints: dict[str, str], data: str, split: str = "t
         report["comparisons"] = paired_comparisons({n: r.pop("ranks") for n, r in results.items()})
         report["comparison_table"] = comparison_table(report["comparisons"])
         table += "\n\n" + report["comparison_table"]
-    if out:
-        out_dir = Path(out)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "eval.json").write_text(json.dumps(report, indent=2))
-        (out_dir / "eval.md").write_text(table + "\n")
+    if out:  # a local directory or an object-store URI
+        from dialclip_ray import storage
+
+        with storage.output_dir(storage.normalize(out)) as out_dir:
+            (out_dir / "eval.json").write_text(json.dumps(report, indent=2))
+            (out_dir / "eval.md").write_text(table + "\n")
     return report
 
 

@@ -13,8 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from dialclip_ray import storage
 from dialclip_ray.errors import ConfigError, format_validation_error
-from dialclip_ray.fsio import atomic_write_text
 from dialclip_ray.model.config import DialCLIPConfig, merge_preset
 
 
@@ -31,6 +31,10 @@ class DataSection(BaseModel):
     features: Literal["auto", "require", "off"] = Field(
         "auto", description="frozen context features: auto = build the feature store when missing or stale "
         "and read it; require = an existing store or an error; off = run the frozen towers every step")
+    feature_actors: int = Field(2, ge=1, description="encoder actors that build the feature store (Ray Data pool)")
+    feature_gpus_per_actor: float = Field(
+        0.0, ge=0, description="GPUs each feature-store actor requests (e.g. 1, or 0.5 to share a card); "
+        "requested, so an autoscaler adds GPU nodes for them; 0 = CPU actors")
 
 
 class OptimSection(BaseModel):
@@ -57,7 +61,8 @@ class RunSection(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field("dialclip", pattern=r"^[A-Za-z0-9_.-]+$")
-    storage_path: str = "runs/train"
+    storage_path: str = Field("runs/train", description="where runs live: a local directory (on a cluster: "
+                              "shared by every node), or object storage s3://bucket/prefix, gs://bucket/prefix")
     workers: int = Field(1, ge=1)
     use_gpu: bool = False
     amp: Literal["bf16", "fp16", "none"] = "bf16"  # used on GPU only
@@ -72,6 +77,8 @@ class RunSection(BaseModel):
                               "<storage>/<name>/example_log/rank<R>.jsonl (audit the data order across resumes)")
     num_to_keep: int | None = Field(None, ge=1, description="checkpoints kept (None = all; they are small)")
     threads_per_worker: int | None = Field(None, ge=1)
+    tensorboard: bool = Field(True, description="write TensorBoard event files to <storage>/<name>/tensorboard "
+                              "(needs the tensorboard package; per-step metrics go to steps.csv either way)")
 
 
 class TrainConfig(BaseModel):
@@ -128,5 +135,6 @@ def load_train_config(path: str | Path, overrides: dict | None = None) -> TrainC
         raise ConfigError(format_validation_error(exc, f"{path}: invalid training config")) from None
 
 
-def dump_train_config(cfg: TrainConfig, path: str | Path) -> Path:
-    return atomic_write_text(path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+def dump_train_config(cfg: TrainConfig, path: str | Path) -> Path | str:
+    """Write ``cfg`` as YAML to a local path (atomically) or an object-store URI."""
+    return storage.write_text(path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

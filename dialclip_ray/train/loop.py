@@ -28,11 +28,13 @@ from dialclip_ray.model.batch import TARGET_TYPES
 from dialclip_ray.model.checkpoint import CorruptCheckpointError, read_checkpoint, save_checkpoint
 from dialclip_ray.data.dataset import CanonicalDataset, ReaderConfig, make_train_loader
 from dialclip_ray.evaluation.local import evaluate_model
+from dialclip_ray import storage
 from dialclip_ray.features.store import FeatureStore, open_for_model
 from dialclip_ray.model.dialclip import build_model
 from dialclip_ray.model.params import parameter_report
 from dialclip_ray.runtime import AmpStep, warmup_cosine
 from dialclip_ray.train.config import TrainConfig
+from dialclip_ray.train.plots import StepLog
 
 STATE_FILE = "train_state.pt"
 
@@ -103,6 +105,7 @@ class _Worker:
     launched_unix: float | None = None   # when the driver called fit(): start-up = first step - this
     setup_seconds: float | None = None
     example_log: Any = None  # open text file when run.example_log is on
+    steps: StepLog | None = None  # rank 0's per-step metrics
     node: str = ""  # Ray node id (several-node runs: which node did what)
 
 
@@ -140,6 +143,7 @@ class _Position:
     step: int = 0
     history: list = field(default_factory=list)
     epoch_losses: list = field(default_factory=list)  # losses of the epoch in progress (mid-epoch resume)
+    steps: list = field(default_factory=list)  # rank 0's per-step rows so far (StepLog), kept across resumes
 
 
 def _restore(w: _Worker, scheduler) -> _Position:
@@ -160,7 +164,7 @@ def _restore(w: _Worker, scheduler) -> _Position:
     if loaded is None:
         raise RuntimeError(f"run {w.cfg.run.name}: no readable checkpoint to resume from (see the errors above)")
     state, train_state = loaded
-    w.model.load_state_dict(state, strict=False)
+    load_trainable_strict(w.model, state, w.cfg.run.name)
     step = int(train_state["step"])
     if w.optimizer is not None and train_state.get("optimizer"):
         w.optimizer.load_state_dict(train_state["optimizer"])
@@ -173,7 +177,31 @@ def _restore(w: _Worker, scheduler) -> _Position:
     if rng:  # augmentation draws continue as if never interrupted (same world size: each rank its own)
         torch.set_rng_state(rng[w.rank] if w.rank < len(rng) else rng[0])
     return _Position(int(train_state["epoch"]), int(train_state.get("batch_in_epoch", 0)), step,
-                     json.loads(train_state["history_json"]), list(train_state.get("epoch_losses", [])))
+                     json.loads(train_state["history_json"]), list(train_state.get("epoch_losses", [])),
+                     json.loads(train_state.get("steps_json", "[]")))
+
+
+class ResumeMismatchError(RuntimeError):
+    """A checkpoint whose trainable tensors do not fit the model being resumed."""
+
+
+def load_trainable_strict(model: torch.nn.Module, state: dict, run: str) -> None:
+    """Load a checkpoint's trainable state, refusing missing, unexpected or misshapen tensors.
+
+    The checkpoint holds only the trainable tensors (the frozen backbone is identified, not
+    stored), so ``strict=True`` over the whole model cannot apply; this is strict over exactly the
+    tensors a checkpoint must hold: every trainable one, nothing else, each of the same shape.
+    """
+    own = model.state_dict()
+    expected = {n for n, p in model.named_parameters() if p.requires_grad}
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - set(own))
+    shapes = sorted(k for k in set(state) & set(own) if tuple(state[k].shape) != tuple(own[k].shape))
+    if missing or unexpected or shapes:
+        raise ResumeMismatchError(
+            f"run {run}: the checkpoint does not fit the model being resumed: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}, other shape {shapes[:5]} (a changed model config: "
+            f"use a new run name)")
+    model.load_state_dict(state, strict=False)
 
 
 def _load_state(directory: Path) -> tuple[dict, dict] | None:
@@ -194,12 +222,12 @@ def _load_state(directory: Path) -> tuple[dict, dict] | None:
 
 def _fallback_state(cfg: TrainConfig) -> tuple[dict, dict] | None:
     """The newest readable checkpoint of this run in its storage dir (newest first by position)."""
-    run_dir = Path(cfg.run.storage_path) / cfg.run.name
-    candidates = []
-    for meta in run_dir.glob(f"checkpoint_*/{STATE_FILE}"):
-        candidates.append(meta.parent)
-    for directory in sorted(candidates, key=lambda d: d.name, reverse=True):  # Ray names them by time
-        loaded = _load_state(directory)
+    run_dir = storage.join(storage.normalize(cfg.run.storage_path), cfg.run.name)
+    candidates = [storage.join(run_dir, n) for n in storage.list_names(run_dir) if n.startswith("checkpoint_")]
+    candidates = [d for d in candidates if storage.is_file(storage.join(d, STATE_FILE))]
+    for directory in sorted(candidates, key=storage.name_of, reverse=True):  # Ray names them by time
+        with storage.local_dir(directory, fresh=True) as here:
+            loaded = _load_state(here)
         if loaded is not None:
             print(f"[dialclip] resuming from the previous good checkpoint {directory}", flush=True)
             return loaded
@@ -235,10 +263,16 @@ def _train_epoch(w: _Worker, ddp, loaders: list, amp: AmpStep, scheduler, epoch:
         batch = next(iters[which]).to(w.device)
         with amp.autocast():
             loss = ddp(batch)["loss"]
+        lr = w.optimizer.param_groups[0]["lr"] if w.optimizer is not None else 0.0
         amp.backward_and_step(loss, w.optimizer, scheduler)
         w.step_seconds.append(time.perf_counter() - t0)
         pos.step, pos.batch = pos.step + 1, pos.batch + 1
         pos.epoch_losses.append(loss.item())
+        if w.steps is not None:
+            core = getattr(ddp, "module", ddp)
+            w.steps.add(step=pos.step, epoch=epoch + 1, retrieval_type=_rtype(batch.target_type),
+                        loss=pos.epoch_losses[-1], lr=lr, logit_scale=float(core.temperature_scale().detach()),
+                        samples_per_s=len(batch) * w.world / max(w.step_seconds[-1], 1e-9))
         if w.example_log is not None:
             w.example_log.write(json.dumps({"epoch": epoch, "batch": pos.batch, "step": pos.step, "t": time.time(),
                                             "pid": os.getpid(), "node": w.node, "ids": list(batch.example_ids)}) + "\n")
@@ -260,8 +294,23 @@ def _epoch_metrics(w: _Worker, epoch: int, step: int, losses: list[float], secon
                "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if w.device.type == "cuda" else 0.0,
                **_timing(w)}
     if w.rank == 0:
+        metrics.update(_step_summary(w.steps.rows if w.steps is not None else [], epoch + 1))
         metrics.update(validate(w.model, w.backbone, w.cfg, w.reader, w.device, w.stores))
     return _broadcast(metrics, w.world)
+
+
+def _step_summary(rows: list[dict], epoch: int) -> dict:
+    """Per-epoch means of the step log: loss per retrieval type, last lr and logit scale, median samples/s."""
+    rows = [r for r in rows if r["epoch"] == epoch]
+    if not rows:
+        return {}
+    out = {}
+    for rtype in dict.fromkeys(r["retrieval_type"] for r in rows):
+        losses = [r["loss"] for r in rows if r["retrieval_type"] == rtype]
+        out[f"train_loss/{rtype}"] = sum(losses) / len(losses)
+    out.update(lr=rows[-1]["lr"], logit_scale=rows[-1]["logit_scale"],
+               samples_per_s=statistics.median(r["samples_per_s"] for r in rows))
+    return out
 
 
 def _timing(w: _Worker) -> dict:
@@ -296,6 +345,7 @@ def _report(w: _Worker, metrics: dict, pos: _Position, scheduler) -> None:
         torch.save({"epoch": pos.epoch, "batch_in_epoch": pos.batch, "step": pos.step,
                     "epoch_losses": pos.epoch_losses if partial else [],
                     "history_json": json.dumps(pos.history), "torch_rng": rng,
+                    "steps_json": json.dumps(w.steps.rows if w.steps is not None else []),
                     "optimizer": w.optimizer.state_dict() if w.optimizer is not None else {},
                     "scheduler": scheduler.state_dict() if scheduler is not None else {}},
                    Path(tmp) / STATE_FILE)
@@ -341,6 +391,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     params = parameter_report(w.model).as_dict()
     w.setup_seconds = time.time() - t_setup
     w.example_log = _open_example_log(cfg, w.rank)
+    if w.rank == 0:
+        w.steps = StepLog(storage.join(storage.normalize(cfg.run.storage_path), cfg.run.name), pos.steps,
+                          cfg.run.tensorboard)
     w.node = ray.get_runtime_context().get_node_id()
     checkpoint = lambda p: _report(w, _partial_metrics(p), p, scheduler)  # noqa: E731
     if cfg.optim.validate_at_start and cfg.optim.epochs and not pos.history and pos.step == 0:
@@ -357,6 +410,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
         pos.history.append(metrics)
         pos.epoch, pos.batch, pos.epoch_losses = metrics["epoch"], 0, []
         _report(w, metrics, pos, scheduler)
+        if w.steps is not None:  # curves redrawn every epoch, at per-step resolution
+            w.steps.flush(pos.history, title=cfg.run.name)
+
+
+def _rtype(target_type: str) -> str:
+    from dialclip_ray.model.batch import RETRIEVAL_TYPES
+
+    return RETRIEVAL_TYPES[TARGET_TYPES.index(target_type)]
 
 
 def stale_epochs(history: list[dict]) -> int:
@@ -375,6 +436,9 @@ def _open_example_log(cfg: TrainConfig, rank: int):
     """This rank's append-only example-id log when ``run.example_log`` is on (else None)."""
     if not cfg.run.example_log:
         return None
+    if storage.is_uri(cfg.run.storage_path):
+        raise ValueError(f"run.example_log appends to local files; storage_path {cfg.run.storage_path} is "
+                         f"object storage (switch example_log off, or use a shared filesystem)")
     directory = Path(cfg.run.storage_path) / cfg.run.name / "example_log"
     directory.mkdir(parents=True, exist_ok=True)
     return open(directory / f"rank{rank}.jsonl", "a", encoding="utf-8")

@@ -1,8 +1,9 @@
 """Sweep outputs: a table of every trial, the best config as a training file, sensitivity plots.
 
-The plots follow the paper's sensitivity studies: validation Sum against the
-context-prompt length, the insertion layer, the expert count and the domain-prompt
-length (each trial a dot, the mean per value a line).
+The plots follow the paper's sensitivity studies: validation Sum against each
+parameter the sweep actually varied (each trial a dot, the mean per value a line).
+The sweep directory may be an object-store URI: outputs are written locally and
+uploaded (``storage.output_dir``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from dialclip_ray import storage
 from dialclip_ray.train.config import TrainConfig, dump_train_config
 from dialclip_ray.tuning.space import SweepSpec, apply_params
 
@@ -43,7 +45,7 @@ def trial_table(results, spec: SweepSpec, trials_dir: Path | None = None) -> lis
     rows = []
     for result in results:
         trial_id = (result.metrics or {}).get("trial_id", Path(result.path).name)
-        history = _checkpoint_history(trials_dir / f"trial-{trial_id}") if trials_dir else []
+        history = _checkpoint_history(storage.join(trials_dir, f"trial-{trial_id}")) if trials_dir else []
         frame = result.metrics_dataframe
         seen = _last_epoch_seen(result)
         if seen is not None:  # a trial ASHA stopped may still checkpoint the epoch it was in: Tune did not see it
@@ -92,17 +94,25 @@ def write_table(rows: list[dict], sweep_dir: Path) -> None:
     (sweep_dir / "trials.md").write_text("\n".join(lines) + "\n")
 
 
-def plot_sensitivity(rows: list[dict], base: TrainConfig, path: Path) -> Path:
+def plot_sensitivity(rows: list[dict], base: TrainConfig, path: Path, params: dict | None = None) -> Path:
+    """Validation Sum against each swept parameter (``params``: the spec's; default the paper's four)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 4, figsize=(14, 3.4), sharey=True)
-    base_model = base.model.model_dump()
-    for ax, (key, label) in zip(axes, PLOTTED):
-        pts = [(r.get(key, base_model[key]) if key in r else base_model[key], r["best_val_sum"]) for r in rows
+    labels = dict(PLOTTED) | {"lr": "learning rate lr", "domain_prompt_length": "domain prompts Ld"}
+    keys = list(params) if params else [k for k, _ in PLOTTED]
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.5 * len(keys) + 0.5, 3.4), sharey=True, squeeze=False)
+    axes = axes[0]
+    defaults = {**base.optim.model_dump(), **base.model.model_dump()}
+    for ax, key in zip(axes, keys):
+        label = labels.get(key, key)
+        pts = [(r[key] if r.get(key) is not None else defaults.get(key), r["best_val_sum"]) for r in rows
                if not math.isnan(r["best_val_sum"])]
+        pts = [(x, y) for x, y in pts if isinstance(x, (int, float))]
+        if key == "lr" or (params and getattr(params.get(key), "loguniform", None)):
+            ax.set_xscale("log")
         if pts:
             xs, ys = zip(*pts)
             ax.scatter(xs, ys, alpha=0.6)
@@ -117,22 +127,29 @@ def plot_sensitivity(rows: list[dict], base: TrainConfig, path: Path) -> Path:
     return path
 
 
-def write_outputs(results, spec: SweepSpec, base: TrainConfig, sweep_dir: Path, restored: bool) -> SweepOutcome:
-    rows = trial_table(results, spec, sweep_dir / "trials")
-    write_table(rows, sweep_dir)
-    plot_sensitivity(rows, base, sweep_dir / "sensitivity.png")
+def write_outputs(results, spec: SweepSpec, base: TrainConfig, sweep_dir, restored: bool) -> SweepOutcome:
+    rows = trial_table(results, spec, storage.join(sweep_dir, "trials"))
+    with storage.output_dir(sweep_dir) as out:
+        outcome = _write_outputs(rows, spec, base, sweep_dir, out, restored)
+    return outcome
+
+
+def _write_outputs(rows, spec: SweepSpec, base: TrainConfig, sweep_dir, out: Path, restored: bool) -> SweepOutcome:
+    write_table(rows, out)
+    plot_sensitivity(rows, base, out / "sensitivity.png", spec.params)
     best = rows[0]
     best_params = {k: best[k] for k in spec.params}
     best_cfg = apply_params(base, best_params)
     best_cfg.optim.epochs = spec.epochs
-    best_cfg.run.name = f"{sweep_dir.name}-best"
-    best_path = dump_train_config(best_cfg, sweep_dir / "best_config.yaml")
+    best_cfg.run.name = f"{storage.name_of(sweep_dir)}-best"
+    dump_train_config(best_cfg, out / "best_config.yaml")
+    best_path = storage.join(sweep_dir, "best_config.yaml")
     base_model = base.model_dump(mode="json")
     default = [r for r in rows if all(r[k] == base_model["model"].get(k, base_model["optim"].get(k))
                                       for k in spec.params)]
     outcome = SweepOutcome(sweep_dir, rows, best_params, best["best_val_sum"],
                            default[0]["best_val_sum"] if default else None, best_path, restored)
-    (sweep_dir / "summary.json").write_text(json.dumps(
+    (out / "summary.json").write_text(json.dumps(
         {"best_params": best_params, "best_val_sum": outcome.best_val_sum, "default_val_sum": outcome.default_val_sum,
          "trials": len(rows), "stopped_early": sum(r["stopped_early"] for r in rows)}, indent=2))
     return outcome

@@ -9,6 +9,15 @@ trial id, so a restored sweep (``Tuner.restore``) resumes unfinished trials from
 their own checkpoints and leaves finished ones alone. The base config's own
 values are the first point evaluated, so every sweep answers "does tuning beat
 the default?" within one run.
+
+Resources: a trial's own process (the function trainable, which only drives its
+``TorchTrainer``) reserves CPU and never a GPU (``trial_resources``); the GPUs are
+its Train workers', one each when ``use_gpu``, which comes from the base config
+unless the command overrides it (``trial_use_gpu``). So a sweep whose
+``max_concurrent`` exceeds the GPUs queues: the extra trials' workers wait for
+GPUs that running trials release, instead of idle drivers holding the GPUs the
+workers need (the deadlock a GPU per driver caused). ``storage`` may be an
+object-store URI.
 """
 
 from __future__ import annotations
@@ -16,11 +25,22 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from dialclip_ray import storage as store
 from dialclip_ray.runtime import build_trainer, ensure_ray
 from dialclip_ray.tuning.report import SweepOutcome, write_outputs
 from dialclip_ray.tuning.space import SweepSpec, apply_params
 
 METRIC = "val_sum"
+
+
+def trial_resources(cpus_per_trial: float) -> dict:
+    """What a trial's driver process reserves: CPU only (its Train workers request their own GPUs)."""
+    return {"cpu": cpus_per_trial, "gpu": 0}
+
+
+def trial_use_gpu(base_use_gpu: bool, override: bool | None) -> bool:
+    """Whether trials' Train workers take a GPU each: the command's override, else the base config's."""
+    return base_use_gpu if override is None else bool(override)
 
 
 def trial_fn(config: dict[str, Any], base: dict, epochs: int, trials_dir: str, use_gpu: bool) -> None:
@@ -55,7 +75,8 @@ def _search_alg(spec: SweepSpec, default_point: dict):
 
 
 def run_sweep(space_path: str | Path, name: str, storage: str | Path = "runs/tune", samples: int | None = None,
-              cpus_per_trial: float = 0.5, gpus_per_trial: float = 0.0) -> SweepOutcome:
+              cpus_per_trial: float = 0.5, use_gpu: bool | None = None) -> SweepOutcome:
+    """Run (or resume) the sweep ``name`` under ``storage``; ``use_gpu`` None keeps the base config's."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -64,8 +85,9 @@ def run_sweep(space_path: str | Path, name: str, storage: str | Path = "runs/tun
 
     spec, base = load_space(space_path)
     base = resolve_paths(base)
-    storage = Path(storage).expanduser().resolve()
-    sweep_dir = storage / name
+    storage = store.normalize(storage)
+    sweep_dir = store.join(storage, name)
+    use_gpu = trial_use_gpu(base.run.use_gpu, use_gpu)
     # a running trial holds its own CPUs plus its TorchTrainer workers' (one each)
     ensure_ray(num_cpus=spec.max_concurrent * (cpus_per_trial + base.run.workers))
     if base.data.features != "off" and base.model.variant == "dialclip":
@@ -73,11 +95,13 @@ def run_sweep(space_path: str | Path, name: str, storage: str | Path = "runs/tun
         from dialclip_ray.features.build import build_feature_store
 
         for path in base.data.train:
-            build_feature_store(path, base.model.backbone.model_name, base.model.backbone.pretrained)
+            build_feature_store(path, base.model.backbone.model_name, base.model.backbone.pretrained,
+                                actors=base.data.feature_actors, gpus_per_actor=base.data.feature_gpus_per_actor,
+                                cache_dir=base.model.backbone.cache_dir)
     trainable = tune.with_resources(
         tune.with_parameters(trial_fn, base=base.model_dump(mode="json"), epochs=spec.epochs,
-                             trials_dir=str(sweep_dir / "trials"), use_gpu=gpus_per_trial > 0),
-        {"cpu": cpus_per_trial, "gpu": gpus_per_trial})
+                             trials_dir=str(store.join(sweep_dir, "trials")), use_gpu=use_gpu),
+        trial_resources(cpus_per_trial))
     restored = tune.Tuner.can_restore(str(sweep_dir))
     if restored:
         tuner = tune.Tuner.restore(str(sweep_dir), trainable, resume_unfinished=True)
