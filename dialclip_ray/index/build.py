@@ -76,11 +76,14 @@ def embed_items(checkpoint: str, corpus_dirs: Sequence[Path], target: str, items
 def build_index(checkpoint: str | os.PathLike, corpus_dirs: Sequence[str | os.PathLike], out: str | os.PathLike,
                 shards: int = 1, kind: str = "flat", params: dict[str, Any] | None = None, actors: int = 2,
                 target_types: Sequence[str] = TARGETS, batch_size: int = 64, overwrite: bool = False,
-                use_gpu: bool | None = None, gpus_per_actor: float = 0.0) -> IndexLayout:
+                use_gpu: bool | None = None, gpus_per_actor: float = 0.0, versioned: bool = False,
+                activate: bool | None = None) -> IndexLayout:
     """Embed every image/text of ``corpus_dirs`` with ``checkpoint`` and write ``OUT/{image,text}/``.
 
     Starts (or joins) Ray itself (``runtime.ensure_ray``). A modality with fewer items than
     ``shards`` gets one shard per item; a modality absent from every corpus is skipped.
+    ``versioned``: ``out`` is a version root (``layout``): a new ``out/<index_id>/`` beside the served
+    one, made CURRENT when ``activate`` (default: only the root's first index).
     """
     from tqdm.auto import tqdm
 
@@ -99,7 +102,10 @@ def build_index(checkpoint: str | os.PathLike, corpus_dirs: Sequence[str | os.Pa
     if shards < 1:
         raise ValueError(f"shards must be >= 1, got {shards}")
     validate_params(kind, params)
-    if storage.exists(out) and not overwrite:
+    if versioned and storage.is_uri(out):
+        raise ValueError(f"{out}: versioned index roots are local or shared-filesystem paths (CURRENT is switched "
+                         f"by an atomic rename); build into a mounted path, or unversioned into the bucket")
+    if storage.exists(out) and not overwrite and not versioned:
         raise FileExistsError(f"{out} already exists (pass overwrite=True / --overwrite to replace it)")
     identity = checkpoint_identity(storage.local_dir(checkpoint))
     corpora = []
@@ -117,7 +123,8 @@ def build_index(checkpoint: str | os.PathLike, corpus_dirs: Sequence[str | os.Pa
     if not modalities:
         raise ValueError(f"no {' or '.join(target_types)} items in {[str(d) for d in dirs]}")
     if not storage.is_uri(out):
-        return write_index(out, modalities, identity, shards, kind, params, corpora, checkpoint, overwrite, use_gpu)
+        return write_index(out, modalities, identity, shards, kind, params, corpora, checkpoint, overwrite, use_gpu,
+                           versioned=versioned, activate_new=activate)
     import tempfile
 
     local = Path(tempfile.mkdtemp(prefix="index-", dir=storage._mkdir(storage.cache_root()))) / storage.name_of(out)

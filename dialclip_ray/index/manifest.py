@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from dialclip_ray.errors import format_validation_error
 from dialclip_ray.fsio import atomic_write_text
-from dialclip_ray.index.factory import IndexKind, validate_params
+from dialclip_ray.index.factory import IndexKind, KnobBounds, validate_params
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
@@ -57,6 +57,10 @@ class IndexManifest(BaseModel):
     shards: list[ShardEntry] = Field(min_length=1)
     total_count: int = Field(ge=0)
     identity: dict[str, Any] = Field(default_factory=dict, description="checkpoint/backbone identity of the vectors")
+    search: dict[str, KnobBounds] = Field(default_factory=dict, description="query-time knobs (nprobe, "
+                                          "ef_search): default and the bounds a request may ask")
+    index_id: str | None = Field(None, description="version id of the index this sub-index belongs to "
+                                 "(index.json's index_id); responses name it")
     created: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
 
     @model_validator(mode="after")

@@ -26,7 +26,8 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from dialclip_ray.fsio import atomic_write, staging_dir
-from dialclip_ray.index.factory import add_vectors, resolve_use_gpu, set_search_params, to_gpu, train_template
+from dialclip_ray.index.factory import (add_vectors, check_knobs, resolve_params, resolve_use_gpu, search_knobs,
+                                        search_parameters, set_search_params, to_gpu, train_template)
 from dialclip_ray.index.manifest import IndexManifest, IndexManifestError, ShardEntry
 
 
@@ -89,6 +90,7 @@ def build_sharded_index(
     metadata: pa.Table | None = None,
     use_gpu: bool | None = None,
     overwrite: bool = False,
+    index_id: str | None = None,
 ) -> IndexManifest:
     """L2-normalise, split into ``shards`` contiguous shards, write FAISS files + id maps + manifest.
 
@@ -101,6 +103,7 @@ def build_sharded_index(
         raise FileExistsError(f"{out} already exists (pass overwrite=True to replace it)")
     x = _validate_inputs(ids, vectors, shards, metadata)
     n, dim = x.shape
+    params = resolve_params(kind, params, n)  # corpus-size defaults, recorded in the manifest
     with staging_dir(out) as tmp:
         template = train_template(kind, dim, params, x, use_gpu=use_gpu)
         bounds = [i * n // shards for i in range(shards + 1)]
@@ -118,8 +121,9 @@ def build_sharded_index(
             _write_shard(tmp, entry, index, table)
             entries.append(entry)
             del index
-        manifest = IndexManifest(dim=dim, kind=kind, params=dict(params or {}), shards=entries,
-                                 total_count=n, identity=dict(identity or {}))
+        manifest = IndexManifest(dim=dim, kind=kind, params=params, shards=entries, total_count=n,
+                                 identity=dict(identity or {}), search=search_knobs(template, params),
+                                 index_id=index_id)
         manifest.save(tmp)  # last file written inside the temp dir
     return manifest
 
@@ -152,15 +156,22 @@ class ShardSearcher:
             raise IndexManifestError(f"{map_path}: expected an 'id' column with {entry.count} rows")
         self.ids = np.asarray(self.table.column("id").to_pylist() + [None], dtype=object)  # [-1] -> None
         kind = self.manifest.kind
+        # Bounds the manifest records (older manifests: derived from the index itself).
+        self.knobs = self.manifest.search or search_knobs(index, self.manifest.params)
         self.index = to_gpu(index, kind) if resolve_use_gpu(use_gpu) else index
         set_search_params(self.index, kind, {**self.manifest.params, **(search_params or {})})
 
-    def search(self, queries: np.ndarray, k: int, normalize: bool = True) -> ShardHits:
-        """Top-``k`` by inner product; labels are global (``offset + row``), -1 where fewer than k exist."""
+    def search(self, queries: np.ndarray, k: int, normalize: bool = True,
+               knobs: dict[str, int] | None = None) -> ShardHits:
+        """Top-``k`` by inner product; labels are global (``offset + row``), -1 where fewer than k exist.
+
+        ``knobs`` (``nprobe``, ``ef_search``) apply to this search only, within the recorded bounds."""
         q = _check_queries(queries, self.manifest.dim, normalize)
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
-        scores, local = self.index.search(q, k)
+        check_knobs(knobs, self.knobs, f"the {self.manifest.kind} index")
+        params, _keepalive = search_parameters(self.index, knobs)
+        scores, local = self.index.search(q, k, params=params) if params is not None else self.index.search(q, k)
         labels = np.where(local >= 0, local + self.offset, -1)
         return ShardHits(scores=scores, labels=labels, ids=self.ids[local])
 
@@ -224,5 +235,6 @@ class ShardedIndex:
     def __len__(self) -> int:
         return self.manifest.total_count
 
-    def search(self, queries: np.ndarray, k: int, normalize: bool = True) -> ShardHits:
-        return merge_hits([s.search(queries, k, normalize) for s in self.searchers], k)
+    def search(self, queries: np.ndarray, k: int, normalize: bool = True,
+               knobs: dict[str, int] | None = None) -> ShardHits:
+        return merge_hits([s.search(queries, k, normalize, knobs) for s in self.searchers], k)
