@@ -2,7 +2,7 @@
 
 Stages (each cached on disk by ``pipelines.experiments``, so a rerun resumes):
 
-1. corpus at the real protocols' sizes (``BENCH_CORPUS``): PhotoChat-style 4,000 / 500 / 1,000
+1. corpus at the real protocols' sizes (``BENCH_CORPUS``): PhotoChat-style 4,000 / 1,000 / 1,000
    dialogs (test: 1,000 queries against the 1,000 test photos), MMDialog-style 2,800 / 360 / 720
    conversations (test: 1,008 image and 8,238 text targets, each against its own 999 negatives;
    validation 516 / 4,160), plus 30,000 caption-only images for the backbone;
@@ -38,7 +38,7 @@ from dialclip_ray.evaluation import stats
 REPO = Path(__file__).resolve().parents[2]
 
 # Stage 1: data at the real protocols' size (design 3.2 / 3.3); see the module docstring for the counts.
-BENCH_CORPUS = dict(dialogs=5500, photochat_sizes=(4000, 500, 1000), mmdialog_sizes=(2800, 360, 720),
+BENCH_CORPUS = dict(dialogs=6000, photochat_sizes=(4000, 1000, 1000), mmdialog_sizes=(2800, 360, 720),
                     caption_images=30_000)
 QUICK_CORPUS = dict(dialogs=220, photochat_sizes=(120, 40, 60), mmdialog_sizes=(30, 10, 12), caption_images=0)
 # Stage 2: the backbone. dialclip-small (ViT 64 px / patch 8, width 128, 4 + 4 layers, 7.8 M parameters);

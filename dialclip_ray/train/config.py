@@ -28,6 +28,10 @@ class DataSection(BaseModel):
     max_train_examples: int | None = Field(None, ge=1, description="cap per dataset and target type")
     max_val_examples: int | None = Field(None, ge=1)
     loader_workers: int = Field(0, ge=0)
+    target_transform: Literal["eval", "train"] = Field(
+        "eval", description="image transform of training targets: eval = the backbone's preprocess_val, the one "
+        "evaluation and serving use (and our small CLIP was pretrained with); train = open_clip's random resized "
+        "crop, which clips shapes and changes apparent size, the cues retrieval depends on")
     features: Literal["auto", "require", "off"] = Field(
         "auto", description="frozen context features: auto = build the feature store when missing or stale "
         "and read it; require = an existing store or an error; off = run the frozen towers every step")

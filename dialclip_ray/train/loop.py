@@ -58,7 +58,8 @@ def build_loaders(cfg: TrainConfig, backbone, reader: ReaderConfig, prepare,
         for ttype in TARGET_TYPES:
             if not ds.examples(cfg.data.train_split, ttype):
                 continue
-            loader = make_train_loader(ds, cfg.data.train_split, ttype, backbone.tokenizer, backbone.preprocess_train,
+            transform = backbone.preprocess_val if cfg.data.target_transform == "eval" else backbone.preprocess_train
+            loader = make_train_loader(ds, cfg.data.train_split, ttype, backbone.tokenizer, transform,
                                        reader, cfg.optim.batch_size, shuffle=True, seed=cfg.run.seed,
                                        num_workers=cfg.data.loader_workers, drop_last=True,
                                        max_examples=cfg.data.max_train_examples,
@@ -71,7 +72,11 @@ def build_loaders(cfg: TrainConfig, backbone, reader: ReaderConfig, prepare,
 
 def validate(model, backbone, cfg: TrainConfig, reader: ReaderConfig, device,
              stores: dict[str, FeatureStore | None] | None = None) -> dict:
-    """Validation Sum averaged over datasets, plus each dataset's per-type metrics (flattened)."""
+    """Validation Sum averaged over tasks (each dataset's retrieval types), plus every task's metrics (flattened).
+
+    Tasks weigh equally, as the benchmark's test comparison does (PhotoChat-style photos, MMDialog-style
+    photos, MMDialog-style replies): averaging per dataset first gave PhotoChat half the weight.
+    """
     flat, sums = {}, []
     for path in cfg.data.train:
         ds = CanonicalDataset.load(path)
@@ -79,8 +84,8 @@ def validate(model, backbone, cfg: TrainConfig, reader: ReaderConfig, device,
                              cfg.data.max_val_examples, features=(stores or {}).get(path))
         if not res["per_type"]:
             continue
-        sums.append(res["sum"])
         for rtype, m in res["per_type"].items():
+            sums.append(m["Sum"])
             for key in ("R@1", "R@5", "R@10", "Sum", "MRR"):
                 flat[f"val/{ds.source}/{rtype}/{key}"] = m[key]
     flat["val_sum"] = sum(sums) / len(sums) if sums else 0.0
