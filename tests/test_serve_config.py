@@ -142,7 +142,7 @@ def test_rayservice_structure():
         for c in pod["containers"]:
             mounts = {m["name"] for m in c.get("volumeMounts", [])}
             assert mounts <= volumes, f"{name}: mounts {mounts - volumes} have no volume"
-            assert any(m["mountPath"] == "/artifacts" for m in c.get("volumeMounts", [])), \
-                f"{name}: build_app and the replicas read the run and index from /artifacts"
+            assert any(m["mountPath"] == "/shared" for m in c.get("volumeMounts", [])), \
+                f"{name}: build_app and the replicas read the run and index from /shared (one path prefix)"
         if name != "head":
             assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]

@@ -50,6 +50,18 @@ MIN_POINTS_PER_LIST = 39  # FAISS k-means warns below 39 training points per cen
 DEFAULT_MAX_EF_SEARCH = 1024
 
 
+
+def _ivf_of(index):
+    """The IVF layer inside ``index`` (through refine/pre-transform wrappers), or None.
+
+    ``faiss.try_extract_index_ivf`` is missing from some builds (the GPU kit's stand-in), so use
+    ``extract_index_ivf``, which raises where there is none (the stand-in: NotImplementedError).
+    """
+    try:
+        return faiss.extract_index_ivf(index)
+    except (RuntimeError, AttributeError, TypeError, NotImplementedError):
+        return None
+
 def default_nlist(n: int) -> int:
     """Coarse centroids for ``n`` training vectors: the power of two <= 4*sqrt(n), at least 39 points per list.
 
@@ -233,7 +245,7 @@ def make_index(kind: str, dim: int, params: dict[str, Any] | None = None) -> fai
     except RuntimeError as err:
         raise ValueError(f"{kind}: FAISS cannot build index_factory string {spec!r} for dim {dim} "
                          f"({str(err).strip().splitlines()[-1]})") from None
-    ivf = faiss.try_extract_index_ivf(index)
+    ivf = _ivf_of(index)
     if ivf is not None:
         inner = faiss.downcast_index(ivf)
         if isinstance(inner, faiss.IndexIVFPQ):
@@ -268,7 +280,7 @@ def train_template(kind: str, dim: int, params: dict[str, Any] | None, vectors: 
         return index
     if kind == "ivfpq" and n < 2**p.nbits:
         raise ValueError(f"ivfpq: {n} vectors cannot train 2**nbits={2**p.nbits} PQ centroids; lower nbits")
-    ivf = faiss.try_extract_index_ivf(index)
+    ivf = _ivf_of(index)
     if ivf is not None and n < ivf.nlist:
         raise ValueError(f"{kind}: {n} vectors cannot train nlist={ivf.nlist} centroids; lower nlist")
     cap = p.max_train_points * (ivf.nlist if ivf is not None else 256)
@@ -301,7 +313,7 @@ def search_knobs(index: faiss.Index, params: dict[str, Any]) -> dict[str, KnobBo
     """The query-time knobs a built index offers (``nprobe`` for an IVF stage, ``ef_search`` for HNSW),
     each with its default (the resolved params) and the bounds a request may ask."""
     knobs: dict[str, KnobBounds] = {}
-    ivf = faiss.try_extract_index_ivf(index)
+    ivf = _ivf_of(index)
     if ivf is not None:
         top = params.get("max_nprobe") or ivf.nlist
         knobs["nprobe"] = KnobBounds(default=min(params.get("nprobe") or DEFAULT_NPROBE, ivf.nlist, top),
@@ -349,7 +361,7 @@ def set_search_params(index: faiss.Index, kind: str, params: dict[str, Any] | No
         if "nprobe" in params and kind in ("ivf", "ivfpq"):
             faiss.GpuParameterSpace().set_index_parameter(index, "nprobe", int(params["nprobe"]))
         return
-    ivf = faiss.try_extract_index_ivf(index)
+    ivf = _ivf_of(index)
     if ivf is not None and params.get("nprobe"):
         ivf.nprobe = int(params["nprobe"])
     hnsw = _hnsw(index)

@@ -71,7 +71,9 @@ class DialCLIP(nn.Module):
         self.vision_prompts = make_vision_prompts(
             clip.visual, cfg.domain_prompt_init, min(depth or vision_layers, vision_layers),
             cfg.domain_prompt_length, seed=2 * seed + 1) if cfg.vision_prompts else None
-        token_rms = clip.token_embedding.weight.detach().float().pow(2).mean().sqrt().item()
+        # float64 and 6 significant digits: a float32 mean's last bits depend on the thread count's reduction
+        # order, and the CPG init (hence a fresh model) must not depend on how many threads built it.
+        token_rms = float(f"{clip.token_embedding.weight.detach().double().pow(2).mean().sqrt().item():.6g}")
         self.cpg = ContextPromptGenerator(embed_dim, cfg.cpg_dim, text_width, cfg.context_prompt_length,
                                           cfg.cpg_heads, cfg.max_context_turns,
                                           token_rms=token_rms) if cfg.context_prompt_length else None

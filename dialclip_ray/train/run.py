@@ -251,6 +251,28 @@ def run_training(cfg: TrainConfig, allow_config_change: bool = False) -> TrainOu
     outcome = TrainOutcome(run_dir, _copy_checkpoint(best, storage.join(run_dir, "best")),
                            _copy_checkpoint(latest, storage.join(run_dir, "latest")), history,
                            _extra(best).get("metrics", {}), trained, time.time() - t0)
+    _write_steps_from(latest, run_dir, cfg)
     _write_history(history, run_dir)
     dump_train_config(cfg, storage.join(run_dir, CONFIG_FILE))
     return outcome
+
+
+def _write_steps_from(checkpoint: Location, run_dir: Location, cfg: TrainConfig) -> None:
+    """``steps.csv`` and the curves from the latest checkpoint's own step log (TensorBoard: rank 0's events).
+
+    Rank 0 flushes steps.csv after each epoch's report, so a driver killed between the two leaves
+    a steps.csv one epoch short while the checkpoint is whole; a rerun that finds the run complete
+    trains nothing and would keep the short file. The checkpoint is the record that survives.
+    """
+    import torch
+
+    from dialclip_ray.train.loop import STATE_FILE
+    from dialclip_ray.train.plots import StepLog
+
+    with storage.local_dir(checkpoint, fresh=True) as here:
+        file = Path(here) / STATE_FILE
+        if not file.is_file():
+            return
+        rows = json.loads(torch.load(file, map_location="cpu", weights_only=True).get("steps_json", "[]"))
+    if rows:
+        StepLog(run_dir, rows, tensorboard=False).flush(_extra(checkpoint).get("history", []), title=cfg.run.name)

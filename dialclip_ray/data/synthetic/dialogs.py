@@ -120,15 +120,23 @@ def _value_word(rng: random.Random, attr: str, value) -> str:
     return bg_phrase(rng, value)[1]
 
 
+_DISTRACT_BG = ["I'd rather be {v} right now", "I spent my weekend {v}", "I like taking photos {v}"]
+_DISTRACT_COUNT = ["I would have made {v}", "my sister always makes {v}"]
+_DISTRACT_OTHER = ["I prefer {v} myself", "my sister loves {v}", "oh I would have picked {v}", "{v} would look better I think"]
+_GENERIC_NOUNS = ["some shapes", "a shape", "ones"]  # what noun_phrase / _value_word say for an unnamed attribute
+# Phrases written inline below (pronouns, the chain anchor): listed so the stand-in's pretraining text
+# (alttext.py reads every module-level phrase list) covers them.
+_INLINE_PHRASES = ["they are", "it is", "the ones in your second photo"]
+
+
 def _distractor(rng: random.Random, attr: str, value) -> str:
     """The other speaker naming a value that is not the target's."""
     v = _value_word(rng, attr, value)
     if attr == "background":
-        return rng.choice([f"I'd rather be {v} right now", f"I spent my weekend {v}", f"I like taking photos {v}"])
+        return rng.choice(_DISTRACT_BG).format(v=v)
     if attr == "count":
-        return rng.choice([f"I would have made {v}", f"my sister always makes {v}"])
-    return rng.choice([f"I prefer {v} myself", f"my sister loves {v}", f"oh I would have picked {v}",
-                       f"{v} would look better I think"])
+        return rng.choice(_DISTRACT_COUNT).format(v=v)
+    return rng.choice(_DISTRACT_OTHER).format(v=v)
 
 
 def _other_value(rng: random.Random, attr: str, value):

@@ -21,11 +21,13 @@ import pyarrow.parquet as pq
 from dialclip_ray.data.synthetic.dialogs import (Conversation, ImageItem, TextItem, mmdialog_conversation,
                                                 photochat_dialog, text_pool)
 from dialclip_ray.data.synthetic.render_pool import ImageJob, render_all
+from dialclip_ray.data.synthetic.alttext import alt_text
 from dialclip_ray.data.synthetic.scenes import MAX_IMAGE_SIZE
 from dialclip_ray.data.synthetic.vocab import ALL_SCENES, ATTRIBUTES, VALUES, Scene, captions, neighbours, photo_description
 from dialclip_ray.fsio import staging_dir
 
-GENERATOR_VERSION = 2  # 2: MMDialog replies determined by the context, hard negative texts, split sizes
+GENERATOR_VERSION = 3  # 2: MMDialog replies determined by the context, hard negative texts, split sizes;
+# 3: alt-text captions (alttext.py) that cover the dialogs' words at lengths up to the window
 NEGATIVES = 999
 PHOTOCHAT_SPLITS = ("train", "dev", "test")
 MMDIALOG_SPLITS = ("train", "valid", "test")
@@ -47,6 +49,9 @@ class SynthConfig:
     mmdialog_fraction: float = 0.2  # MMDialog conversations per PhotoChat dialog
     chain_fraction: float = 0.5  # MMDialog conversations whose later image refers to an earlier one
     captions_per_image: int = 3
+    # "alttext": captions after each image's first carry everyday filler (alttext.py: the stand-in CLIP learns the
+    # dialogs' words and reads past them); "templates": attribute captions only (generator version 2's text).
+    caption_style: str = "alttext"
     # Explicit split sizes (train, dev, test) in dialogs / (train, valid, test) in conversations; None: derived
     # from ``dialogs`` (``photochat_split_sizes``, ``mmdialog_split_sizes``).
     photochat_sizes: tuple[int, int, int] | None = None
@@ -65,6 +70,8 @@ class SynthConfig:
             raise ValueError(f"workers must be None or an integer >= 0, got {self.workers!r}")
         if self.shard_size < 1 or not 0 < self.mmdialog_fraction <= 1 or not 0 <= self.chain_fraction <= 1:
             raise ValueError("shard_size >= 1, 0 < mmdialog_fraction <= 1 and 0 <= chain_fraction <= 1 required")
+        if self.caption_style not in ("alttext", "templates"):
+            raise ValueError(f"caption_style must be 'alttext' or 'templates', got {self.caption_style!r}")
         if not 1 <= self.captions_per_image <= 8:
             raise ValueError(f"captions_per_image must be within 1..8, got {self.captions_per_image}")
         for name in ("photochat_sizes", "mmdialog_sizes"):
@@ -312,7 +319,12 @@ def _mmdialog(cfg: SynthConfig, ids: _Ids, root: Path, jobs: list[ImageJob], tru
 def _write_captions(cfg: SynthConfig, root: Path, jobs: list[ImageJob]) -> dict[str, int]:
     cols: dict[str, list[str]] = {"image_id": [], "path": [], "caption": [], "split": []}
     for job in jobs:
-        for caption in captions(random.Random(f"cap:{cfg.seed}:{job.rel_path}"), job.scene, cfg.captions_per_image):
+        rng = random.Random(f"cap:{cfg.seed}:{job.rel_path}")
+        texts = captions(rng, job.scene, cfg.captions_per_image)
+        if cfg.caption_style == "alttext":  # the first stays plain: held-out recall reads it (alttext.py)
+            filler = random.Random(f"alt:{cfg.seed}:{job.rel_path}")
+            texts = texts[:1] + [alt_text(filler, t) for t in texts[1:]]
+        for caption in texts:
             cols["image_id"].append(job.image_id)
             cols["path"].append(job.rel_path)
             cols["caption"].append(caption)

@@ -1,0 +1,116 @@
+"""Does the stand-in CLIP know the dialogs' words, and does it read past them? (design 3.5)
+
+Three measurements, all through the public loaders and open_clip's tokenizer:
+
+- ``token_coverage``: the share of tokens (and of token types) in the test query
+  windows (the newest turns that fit 77 tokens, as ``data.dataset`` builds them)
+  that occur anywhere in the pretraining captions. A token row never seen in
+  pretraining keeps its random init: a frozen model cannot read it.
+- ``eot_positions``: where end-of-text falls in the pretraining captions
+  (positional rows past the longest caption get no gradient under the causal mask).
+- ``reading_test``: held-out caption-to-image R@1/R@10 over the held-out pool for
+  the caption alone, followed by ~40 tokens of the dialogs' own chit-chat, and
+  preceded by them (the chit-chat never names an attribute). A real CLIP that
+  reads the start of its window well keeps most of the alone R@1 when chit-chat
+  follows; "preceded" is reported, not targeted.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dialclip_ray.data.dataset import CanonicalDataset
+from dialclip_ray.data.synthetic.dialogs import _CHITCHAT
+from dialclip_ray.evaluation.metrics import ranks_all_candidates, recall_at_k
+from dialclip_ray.model.text import tokenize_dialog, tokenize_texts
+from dialclip_ray.pretrain.data import CaptionDataset, held_out_pairs, read_captions
+from dialclip_ray.pretrain.encode import encode_text_trimmed
+
+CHITCHAT_TOKENS = 40
+
+
+def _ids(tokens: torch.Tensor) -> list[list[int]]:
+    """Token ids between SOT and EOT of each row."""
+    out = []
+    for row in tokens.tolist():
+        body = row[1:]
+        end = body.index(49407) if 49407 in body else len(body)
+        out.append(body[:end])
+    return out
+
+
+def token_coverage(dataset_dir: str | Path, caption_root: str | Path, tokenizer: Any, split: str = "test",
+                   target_type: str = "image") -> dict[str, float]:
+    """Share of query-window tokens (and types) of ``split`` that occur in the train captions."""
+    captions = [r.caption for r in read_captions(caption_root) if r.split == "train"]
+    seen: set[int] = set()
+    for start in range(0, len(captions), 4096):
+        for ids in _ids(tokenize_texts(tokenizer, captions[start: start + 4096])):
+            seen.update(ids)
+    records = CanonicalDataset.load(dataset_dir).examples(split, target_type)
+    counts: Counter[int] = Counter()
+    for r in records:
+        window = tokenize_dialog(tokenizer, [t.text for t in r.context] + [r.current_text])
+        counts.update(_ids(window.unsqueeze(0))[0])
+    total = sum(counts.values())
+    covered = sum(n for tok, n in counts.items() if tok in seen)
+    return {"tokens": 100.0 * covered / max(1, total), "types": 100.0 * len(set(counts) & seen) / max(1, len(counts)),
+            "query_windows": len(records), "query_token_types": len(counts), "pretraining_token_types": len(seen)}
+
+
+def eot_positions(caption_root: str | Path, tokenizer: Any) -> dict[str, Any]:
+    """Percentiles and a histogram (bins of 8) of the EOT position in the train captions."""
+    captions = [r.caption for r in read_captions(caption_root) if r.split == "train"]
+    pos = []
+    for start in range(0, len(captions), 4096):
+        tokens = tokenize_texts(tokenizer, captions[start: start + 4096])
+        pos.extend((tokens == 49407).float().argmax(dim=1).tolist())
+    arr = np.asarray(pos)
+    hist, edges = np.histogram(arr, bins=np.arange(0, 81, 8))
+    return {"median": float(np.median(arr)), "p90": float(np.percentile(arr, 90)),
+            "p99": float(np.percentile(arr, 99)), "max": int(arr.max()),
+            "histogram": {f"{int(a)}-{int(b) - 1}": int(n) for a, b, n in zip(edges[:-1], edges[1:], hist)}}
+
+
+def _chitchat(rng: random.Random, tokenizer: Any, n_tokens: int) -> str:
+    """About ``n_tokens`` BPE tokens of the dialogs' chit-chat lines (no attribute words)."""
+    text, count = [], 0
+    for line in rng.sample(_CHITCHAT, len(_CHITCHAT)):
+        text.append(line)
+        count += len(_ids(tokenize_texts(tokenizer, [line]))[0])
+        if count >= n_tokens:
+            break
+    return " ".join(text)
+
+
+@torch.no_grad()
+def reading_test(model: torch.nn.Module, caption_root: str | Path, transform, tokenizer: Any,
+                 splits: tuple[str, ...] = ("test",), max_images: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Caption-to-image R@1 / R@10 for the caption alone, followed by and preceded by chit-chat."""
+    model.eval()
+    pairs = held_out_pairs(read_captions(caption_root), splits)[:max_images]
+    ds = CaptionDataset(caption_root, pairs, transform, tokenizer, cache_images=False)
+    images = torch.cat([model.encode_image(torch.stack([ds.image(i) for i in range(s, min(s + 256, len(ds)))]),
+                                           normalize=True).float() for s in range(0, len(ds), 256)])
+    rng = random.Random(seed)
+    noise = [_chitchat(rng, tokenizer, CHITCHAT_TOKENS) for _ in pairs]
+    variants = {"alone": [p.caption for p in pairs],
+                "followed_by_chitchat": [f"{p.caption} {n}" for p, n in zip(pairs, noise)],
+                "preceded_by_chitchat": [f"{n} {p.caption}" for p, n in zip(pairs, noise)]}
+    out: dict[str, Any] = {"pool_size": len(pairs), "chitchat_tokens": CHITCHAT_TOKENS}
+    for name, texts in variants.items():
+        tokens = tokenize_texts(tokenizer, texts)
+        emb = torch.cat([encode_text_trimmed(model, tokens[s: s + 256], normalize=True).float()
+                         for s in range(0, len(texts), 256)])
+        ranks = ranks_all_candidates(emb.numpy(), images.numpy(), np.arange(len(texts)))
+        out[name] = {"R@1": recall_at_k(ranks, 1), "R@10": recall_at_k(ranks, 10)}
+    alone = out["alone"]["R@1"] or float("nan")
+    out["followed_kept"] = out["followed_by_chitchat"]["R@1"] / alone
+    out["preceded_kept"] = out["preceded_by_chitchat"]["R@1"] / alone
+    return out
