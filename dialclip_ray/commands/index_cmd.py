@@ -86,5 +86,5 @@ def main(args: argparse.Namespace) -> int:
     for target, m in layout.manifests.items():
         print(f"{target}: {m.total_count} vectors of dim {m.dim} in {len(m.shards)} {m.kind} shard(s) "
               f"-> {where}/{target}")
-    print(f"index {layout.index_id} written to {where}")
+    print(f"index written to {where} (version {layout.index_id})")
     return 0
