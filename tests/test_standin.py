@@ -8,11 +8,13 @@ import re
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from dialclip_ray.data.prepare import prepare
 from dialclip_ray.data.synthetic import ALL_SCENES, generate
 from dialclip_ray.data.synthetic.alttext import alt_text, everyday_vocabulary
 from dialclip_ray.data.synthetic.vocab import attribute_words, captions, words_of
+from dialclip_ray.model import standin
 from dialclip_ray.model.backbone import load_backbone
 from dialclip_ray.pretrain.reading import eot_positions, reading_test, token_coverage
 
@@ -80,3 +82,51 @@ def test_reading_probes_run_on_a_real_open_clip_model(corpus):
     assert out["pool_size"] > 0
     for name in ("alone", "followed_by_chitchat", "preceded_by_chitchat"):
         assert 0 <= out[name]["R@1"] <= out[name]["R@10"] <= 100
+
+
+# ------------------------------------------------------------------ the shipped stand-in (model/standin.py)
+
+
+@pytest.fixture(scope="module")
+def probe(tmp_path_factory):
+    """The stand-in's held-out probe corpus (another seed than its pretraining corpus), generated here."""
+    from dialclip_ray.pipelines.experiments import ensure_corpus
+
+    return ensure_corpus(tmp_path_factory.mktemp("probe"), **standin.PROBE_CORPUS)
+
+
+def test_the_packed_stand_in_is_small_and_loads_as_an_open_clip_tag(tmp_path, monkeypatch):
+    assert standin.PACKED_FILE.is_file() and standin.PACKED_FILE.stat().st_size < 5 * 2**20
+    monkeypatch.setenv("DIALCLIP_WEIGHTS_DIR", str(tmp_path))
+    backbone = load_backbone(standin.STANDIN_MODEL, standin.STANDIN_TAG)
+    expanded = standin.unpack()
+    for name, tensor in backbone.model.state_dict().items():
+        assert torch.equal(tensor, expanded[name]), name  # what open_clip loaded is the packed weights
+    assert list(tmp_path.glob("standin/*.safetensors"))  # expanded once into the weights cache
+    rows = standin.packed_token_ids()
+    emb = backbone.model.token_embedding.weight
+    unused = torch.ones(emb.shape[0], dtype=torch.bool)
+    unused[list(rows)] = False
+    assert {49406, 49407} <= rows and not emb[unused].any()  # never-seen token rows are the neutral zero
+    info = standin.packed_info()
+    assert info["eot_positions"]["p99"] >= 60  # the pretraining text reaches the end of the window
+    with pytest.raises(FileNotFoundError, match="not a known open_clip tag|neither a file"):
+        load_backbone("dialclip-tiny", standin.STANDIN_TAG)  # the tag is dialclip-small's only
+
+
+def test_the_shipped_stand_in_reads_held_out_captions_as_recorded(probe, tmp_path, monkeypatch):
+    """Re-measures held-out recall and the reading test on 1,000 photos it never saw (design 3.5)."""
+    from dialclip_ray.pretrain.reading import standin_report
+
+    monkeypatch.setenv("DIALCLIP_WEIGHTS_DIR", str(tmp_path))
+    backbone = load_backbone(standin.STANDIN_MODEL, standin.STANDIN_TAG)
+    report = standin_report(backbone, probe, standin.packed_token_ids(), {"probe": probe})
+    info = standin.packed_info()
+    r1 = report["heldout"]["caption_to_image_R@1"]
+    assert report["heldout"]["pool_size"] == 1000
+    assert r1 >= 40 and abs(r1 - info["heldout_probe"]["caption_to_image_R@1"]) <= 1.5
+    rt = report["reading_test"]
+    assert rt["followed_kept"] >= 0.8
+    assert abs(rt["alone"]["R@1"] - info["reading_test"]["alone"]["R@1"]) <= 1.5
+    for task, cov in report["token_coverage"].items():
+        assert cov["tokens"] == 100.0, (task, cov["missing"])

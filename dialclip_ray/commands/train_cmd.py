@@ -51,7 +51,7 @@ def main(args: argparse.Namespace) -> int:
     weights = cfg.model.backbone.pretrained
     if weights and is_local_path(weights, "pretrained") and not Path(weights).expanduser().exists():
         problems.append(f"{args.config}: model.backbone.pretrained: '{weights}' does not exist (relative paths "
-                        f"start at {Path.cwd()}); configs/synthetic*.yaml name the small CLIP `make demo` pretrains")
+                        f"start at {Path.cwd()}); configs/synthetic*.yaml use the shipped stand-in (pretrained: synthetic)")
     if problems:
         for problem in dict.fromkeys(problems):
             print(f"error: {problem}")

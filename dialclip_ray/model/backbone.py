@@ -32,6 +32,8 @@ import torch
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 from open_clip.transformer import VisionTransformer
 
+from dialclip_ray.model.standin import STANDIN_MODEL, STANDIN_TAG, is_standin, materialize
+
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 OUR_MODELS = tuple(sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json")))  # micro, small, tiny
 _registered = False
@@ -181,6 +183,8 @@ def fetch_weights(model_name: str, pretrained: str, cache_dir: str | None = None
     What ``dialclip weights fetch`` runs on one node before a cluster job, so workers find the file.
     """
     register_model_configs()
+    if is_standin(model_name, pretrained):
+        return materialize(weights_dir(cache_dir))
     cfg = open_clip.get_pretrained_cfg(model_name, pretrained)
     if not cfg:
         raise FileNotFoundError(f"{pretrained!r} is not an open_clip pretrained tag of {model_name!r} "
@@ -200,11 +204,14 @@ def load_backbone(model_name: str, pretrained: str | None = None, device: str | 
     ``device="meta"`` for a shape-only look).
     """
     register_model_configs()
-    if pretrained and not model_name.startswith("hf-hub:") and not Path(pretrained).exists() \
+    weights = pretrained
+    if is_standin(model_name, pretrained):  # our shipped tag: expanded once into the weights cache
+        weights = str(materialize(weights_dir(cache_dir)))
+    elif pretrained and not model_name.startswith("hf-hub:") and not Path(pretrained).exists() \
             and pretrained not in open_clip.list_pretrained_tags_by_model(model_name):
         raise FileNotFoundError(
             f"pretrained={pretrained!r} for {model_name!r} is neither a file nor a known open_clip tag "
-            f"(tags: {open_clip.list_pretrained_tags_by_model(model_name)})")
+            f"(tags: {open_clip.list_pretrained_tags_by_model(model_name)}; ours: {STANDIN_MODEL} + {STANDIN_TAG!r})")
     if model_name not in open_clip.list_models() and not model_name.startswith(("hf-hub:", "local-dir:")):
         raise UnsupportedBackboneError(f"unknown open_clip model {model_name!r}")
     # Random-init backbones (pretrained=None) come from a fixed seed, so every worker, replica and
@@ -212,7 +219,7 @@ def load_backbone(model_name: str, pretrained: str | None = None, device: str | 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_INIT_SEED)
         model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-            model_name, pretrained=(pretrained or None) if load_weights else None, device=device,
+            model_name, pretrained=(weights or None) if load_weights else None, device=device,
             precision=precision, force_quick_gelu=needs_quick_gelu(model_name, pretrained),
             cache_dir=weights_dir(cache_dir))
     check_supported(model, model_name)

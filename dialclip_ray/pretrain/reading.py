@@ -33,6 +33,7 @@ from dialclip_ray.pretrain.data import CaptionDataset, held_out_pairs, read_capt
 from dialclip_ray.pretrain.encode import encode_text_trimmed
 
 CHITCHAT_TOKENS = 40
+SOT, EOT = 49406, 49407  # open_clip's SimpleTokenizer
 
 
 def _ids(tokens: torch.Tensor) -> list[list[int]]:
@@ -40,19 +41,30 @@ def _ids(tokens: torch.Tensor) -> list[list[int]]:
     out = []
     for row in tokens.tolist():
         body = row[1:]
-        end = body.index(49407) if 49407 in body else len(body)
+        end = body.index(EOT) if EOT in body else len(body)
         out.append(body[:end])
     return out
 
 
-def token_coverage(dataset_dir: str | Path, caption_root: str | Path, tokenizer: Any, split: str = "test",
-                   target_type: str = "image") -> dict[str, float]:
-    """Share of query-window tokens (and types) of ``split`` that occur in the train captions."""
+def pretraining_token_ids(caption_root: str | Path, tokenizer: Any) -> set[int]:
+    """Every token id that occurs in the train captions, SOT and EOT included (the rows pretraining moved)."""
     captions = [r.caption for r in read_captions(caption_root) if r.split == "train"]
-    seen: set[int] = set()
+    seen: set[int] = {SOT, EOT}
     for start in range(0, len(captions), 4096):
         for ids in _ids(tokenize_texts(tokenizer, captions[start: start + 4096])):
             seen.update(ids)
+    return seen
+
+
+def token_coverage(dataset_dir: str | Path, seen: set[int] | str | Path, tokenizer: Any, split: str = "test",
+                   target_type: str = "image") -> dict[str, Any]:
+    """Share of query-window tokens (and types) of ``split`` that occur in the pretraining text.
+
+    ``seen``: the pretraining token ids, or a caption root to read them from. ``missing`` lists the
+    query token types never seen (decoded), most frequent first.
+    """
+    if not isinstance(seen, set):
+        seen = pretraining_token_ids(seen, tokenizer)
     records = CanonicalDataset.load(dataset_dir).examples(split, target_type)
     counts: Counter[int] = Counter()
     for r in records:
@@ -60,8 +72,11 @@ def token_coverage(dataset_dir: str | Path, caption_root: str | Path, tokenizer:
         counts.update(_ids(window.unsqueeze(0))[0])
     total = sum(counts.values())
     covered = sum(n for tok, n in counts.items() if tok in seen)
+    missing = [(tok, n) for tok, n in counts.most_common() if tok not in seen]
+    decode = getattr(tokenizer, "decode", None)
     return {"tokens": 100.0 * covered / max(1, total), "types": 100.0 * len(set(counts) & seen) / max(1, len(counts)),
-            "query_windows": len(records), "query_token_types": len(counts), "pretraining_token_types": len(seen)}
+            "query_windows": len(records), "query_token_types": len(counts), "pretraining_token_types": len(seen),
+            "missing": [{"token": decode([t]).strip() if decode else t, "count": n} for t, n in missing[:20]]}
 
 
 def eot_positions(caption_root: str | Path, tokenizer: Any) -> dict[str, Any]:
@@ -70,7 +85,7 @@ def eot_positions(caption_root: str | Path, tokenizer: Any) -> dict[str, Any]:
     pos = []
     for start in range(0, len(captions), 4096):
         tokens = tokenize_texts(tokenizer, captions[start: start + 4096])
-        pos.extend((tokens == 49407).float().argmax(dim=1).tolist())
+        pos.extend((tokens == EOT).float().argmax(dim=1).tolist())
     arr = np.asarray(pos)
     hist, edges = np.histogram(arr, bins=np.arange(0, 81, 8))
     return {"median": float(np.median(arr)), "p90": float(np.percentile(arr, 90)),
@@ -114,3 +129,22 @@ def reading_test(model: torch.nn.Module, caption_root: str | Path, transform, to
     out["followed_kept"] = out["followed_by_chitchat"]["R@1"] / alone
     out["preceded_kept"] = out["preceded_by_chitchat"]["R@1"] / alone
     return out
+
+
+def standin_report(backbone, probe, seen: set[int], coverage_corpora: dict[str, Any],
+                   max_images: int = 1000) -> dict[str, Any]:
+    """Held-out recall and the reading test on ``probe``'s test photos, and token coverage of the test
+    query windows of each corpus in ``coverage_corpora`` (name -> ``experiments.Corpus``)."""
+    from dialclip_ray.pretrain.evaluate import caption_retrieval_metrics, embed_pairs
+
+    tok = backbone.tokenizer
+    pairs = held_out_pairs(read_captions(probe.raw), ("test",))[:max_images]
+    images, texts = embed_pairs(backbone.model, probe.raw, pairs, backbone.preprocess_val, tok)
+    coverage = {}
+    for name, corpus in coverage_corpora.items():
+        coverage[f"{name}/photochat/dialog_to_image"] = token_coverage(corpus.photochat, seen, tok)
+        coverage[f"{name}/mmdialog/dialog_to_image"] = token_coverage(corpus.mmdialog, seen, tok)
+        coverage[f"{name}/mmdialog/dialog_to_text"] = token_coverage(corpus.mmdialog, seen, tok, target_type="text")
+    return {"heldout": caption_retrieval_metrics(images, texts), "token_coverage": coverage,
+            "reading_test": reading_test(backbone.model, probe.raw, backbone.preprocess_val, tok,
+                                         max_images=max_images)}
