@@ -135,7 +135,7 @@ def ray_overhead(cache: Path, steps: int) -> dict:
     from dialclip_ray.train.run import run_training
 
     corpus = ensure_corpus(cache, 200, image_size=64)
-    cfg = variant_config("dialclip", corpus, BackboneConfig(model_name="dialclip-tiny"), cache / "cost_runs",
+    cfg = variant_config("default", corpus, BackboneConfig(model_name="dialclip-tiny"), cache / "cost_runs",
                          epochs=1, workers=1, max_train_examples=steps * 16, max_val_examples=8)
     cfg.optim.batch_size = 16
     cfg.run.name += f"-{int(time.time())}"

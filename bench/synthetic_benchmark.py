@@ -1,44 +1,25 @@
 """The synthetic benchmark: does prompt tuning beat the CLIP we already have? With confidence intervals.
 
-Variants (model presets of the same name, ``dialclip`` = the default preset): zeroshot, finetune,
-dialclip, gated, paper-budget and the ablations no-context, no-domain, single-expert. Every variant
-gets the same corpus, the same locally pretrained small CLIP, the same learning-rate grid on the
-same proxy budget, and the same training budget; each is scored on every test query, and
-differences are tested pairwise on the same queries. The reusable parts live in
+Variants are the model presets of the same name: default (the product: gated prompts), ungated (the
+paper's form), paper-budget, zeroshot, finetune, and the three ablations of the default no-context,
+no-domain, single-expert. Every variant gets the same corpus, the same shipped stand-in CLIP
+(``dialclip-small`` + ``"synthetic"``, model/standin.py), the same learning-rate grid on the same
+proxy budget, and the same training budget; each is scored on every test query, and differences
+are tested pairwise on the same queries. The reusable parts live in
 ``dialclip_ray.pipelines.benchmark``; this file only wires the stages:
 
   [1] corpus      generate + prepare at the real protocols' sizes (BENCH_CORPUS)
-  [2] backbone    pretrain dialclip-small on the corpus captions (cached by config + corpus)
+  [2] backbone    the shipped stand-in (``--pretrain-backbone``: pretrain BACKBONE on this corpus instead)
   [3] features    the frozen feature store of each dataset (context turn and image embeddings)
-  [4] lr          per trained variant: one proxy run per learning rate of LR_GRID, best validation Sum
-  [5] train+rank  per variant and seed: train (best-validation-Sum epoch kept), then rank every test query
+  [4] lr          one Ray Tune grid sweep over (variant, lr): a proxy run per point (2 epochs, 206
+                  optimizer steps, 20 warmup, 510 validation queries, epoch 0 validated), best Sum wins
+  [5] train+rank  per variant and seed: train until validation stops improving (patience 2; the
+                  best-validation epoch, epoch 0 included, is kept), then rank every test query
   [6] results     bootstrap statistics -> bench/results/synthetic_benchmark.{json,md,png}
 
-Measured time (2 quiet CPU cores, the settings the README reports:
-``--epochs 2 --patience 1 --max-train 4000 --max-text-queries 2500``; the target is 100 minutes, and
-a run from scratch misses it by about 15-20):
-
-  stage                                           measured
-  [1] corpus (4,000/500/1,000 PhotoChat-style      2 min (124 s wall at load 7-10)
-      dialogs, 2,800/360/720 MMDialog-style
-      conversations, 30,000 caption images)
-  [2] backbone (dialclip-small, 922 steps)         11-15 min quiet (31.8 min at load 10-45);
-                                                   held-out R@1 49.6% among 1,000 photos
-  [3] features: 2 stores for the backbone          4 min
-  [4] lr: 7 variants x 3 lrs, 1 epoch on 600       25 min (21 proxy runs of 46-82 s, Ray Train
-      examples per dataset and type                start-up included)
-  [5] train: 13 runs (dialclip, gated, finetune    62 min (2.4-6.9 min per run: validation before
-      x 3 seeds; 4 variants x 1) + zeroshot        training, then up to 2 epochs of 186 steps, each
-                                                   followed by 1,500 validation queries)
-      rank: 14 models x 4,514 test queries         10 min (41-49 s per model)
-  [6] statistics and files                         7 s
-  total from scratch                               about 115-120 min (73 min with stages 1-4 cached)
-
-The defaults (6 epochs x 4,000 examples, every reply query) take about 2.3 min per epoch and
-4+ hours in all: they are the protocol for a bigger machine.
-
-``--quick`` runs every stage on a tiny corpus (dialclip-micro backbone, 1 epoch, 1 seed, a
-two-point grid) to prove the pipeline; it writes ``synthetic_benchmark_quick.*``.
+The measured stage times of the reported run are in the results file (``protocol.stage_seconds``)
+and in docs/results.md. ``--quick`` runs every stage on a tiny corpus (1 epoch, 1 seed, a two-point
+grid) to prove the pipeline; it writes ``synthetic_benchmark_quick.*``.
 
     python bench/synthetic_benchmark.py [--quick] [--epochs 6] [--seeds 3] [--ablation-seeds 1]
 """
@@ -58,8 +39,8 @@ from dialclip_ray.pipelines.experiments import ensure_corpus, ensure_small_clip,
 from dialclip_ray.pipelines.stages import Stages
 
 RESULTS = Path(__file__).resolve().parent / "results"
-HEADLINE = ("zeroshot", "finetune", "dialclip", "gated")  # --seeds seeds each; the others --ablation-seeds
-ALL = ("zeroshot", "finetune", "dialclip", "gated", "paper-budget", "no-context", "no-domain", "single-expert")
+HEADLINE = ("default", "ungated", "finetune")  # --seeds seeds each; the others --ablation-seeds
+ALL = ("zeroshot", "finetune", "default", "ungated", "paper-budget", "no-context", "no-domain", "single-expert")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -79,19 +60,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--lr-grid", default=",".join(f"{x:g}" for x in B.LR_GRID))
-    ap.add_argument("--proxy-train", type=int, default=600, help="proxy runs: training examples per dataset/type")
-    ap.add_argument("--proxy-val", type=int, default=200)
-    ap.add_argument("--proxy-epochs", type=int, default=1)
+    ap.add_argument("--proxy-train", type=int, default=2200,
+                    help="proxy runs: training examples per dataset and type (2 epochs of 3 x 2,200 at a global "
+                         "batch of 64: 206 optimizer steps, 20 of them warmup)")
+    ap.add_argument("--proxy-val", type=int, default=170,
+                    help="proxy runs: validation queries per dataset and type (3 tasks: 510 in all)")
+    ap.add_argument("--proxy-epochs", type=int, default=2)
     ap.add_argument("--features", default="auto", choices=("auto", "require", "off"),
                     help="frozen feature store mode for ranking")
     ap.add_argument("--max-text-queries", type=int, default=None,
                     help="rank only the MMDialog text targets of the first test conversations holding this many "
                          "(whole conversations; default: all 8,238): the lever when time is short")
+    ap.add_argument("--pretrain-backbone", action="store_true",
+                    help="pretrain a small CLIP on this corpus's captions (BACKBONE) instead of the shipped stand-in")
     ap.add_argument("--cache", default="runs/cache")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if args.quick:
-        args.epochs, args.seeds, args.ablation_seeds = 1, 1, 1
+        args.epochs, args.seeds, args.ablation_seeds, args.proxy_epochs = 1, 1, 1, 1
         args.max_train, args.max_val, args.proxy_train, args.proxy_val = 48, 32, 24, 24
         args.lr_grid = "0.002,0.005"
     args.out = args.out or str(RESULTS / ("synthetic_benchmark_quick" if args.quick else "synthetic_benchmark"))
@@ -106,21 +92,28 @@ def main(argv: list[str] | None = None) -> int:
     grid = [float(x) for x in args.lr_grid.split(",")]
     cache = Path(args.cache)
     corpus_spec = B.QUICK_CORPUS if args.quick else B.BENCH_CORPUS
-    backbone_spec = B.QUICK_BACKBONE if args.quick else B.BACKBONE
+    backbone_spec = B.QUICK_BACKBONE if args.quick else B.BACKBONE  # with --pretrain-backbone
     progress = Stages(6)
     load_start = os.getloadavg()
 
     progress("corpus: generate + prepare " + json.dumps({k: v for k, v in corpus_spec.items() if k != "dialogs"}))
     spec = dict(corpus_spec)
+    if args.pretrain_backbone and not args.quick:
+        spec["caption_images"] = B.PRETRAIN_CAPTION_IMAGES
     corpus = ensure_corpus(cache, spec.pop("dialogs"), 0, 64, **spec)
     counts = json.loads((corpus.raw / "synth_meta.json").read_text())["counts"]
 
-    progress(f"backbone: pretrain {backbone_spec['model_name']} on the corpus captions (Ray Train)")
-    clip = ensure_small_clip(corpus, cache, workers=args.workers, **backbone_spec)
-    backbone = BackboneConfig(model_name=backbone_spec["model_name"], pretrained=str(clip.path))
-    facts = B.backbone_facts(clip)
-    print(f"    {'reused' if clip.cached else 'trained'}: held-out caption->image R@1 "
-          f"{facts['heldout_caption_to_image_R@1']:.1f}% among {facts['heldout_pool']} photos", flush=True)
+    if args.pretrain_backbone:
+        progress(f"backbone: pretrain {backbone_spec['model_name']} on the corpus captions (Ray Train)")
+        clip = ensure_small_clip(corpus, cache, workers=args.workers, **backbone_spec)
+        backbone = BackboneConfig(model_name=backbone_spec["model_name"], pretrained=str(clip.path))
+        facts = B.backbone_facts(clip)
+    else:
+        progress("backbone: the shipped stand-in CLIP (dialclip-small + 'synthetic', model/standin.py)")
+        backbone = BackboneConfig(model_name=B.STANDIN_BACKBONE[0], pretrained=B.STANDIN_BACKBONE[1])
+        facts = B.standin_facts(corpus)
+    print(f"    held-out caption->image R@1 {facts['heldout_caption_to_image_R@1']:.1f}% among "
+          f"{facts['heldout_pool']} photos", flush=True)
 
     def make_config(variant: str, lr: float, proxy: bool = False, seed: int = 0):
         return variant_config(
@@ -128,20 +121,19 @@ def main(argv: list[str] | None = None) -> int:
             args.proxy_epochs if proxy else args.epochs, args.workers, seed=seed, batch_size=args.batch_size,
             lr=lr, finetune_lr=lr / 20, max_train_examples=args.proxy_train if proxy else args.max_train,
             max_val_examples=args.proxy_val if proxy else args.max_val, patience=None if proxy else args.patience,
-            validate_at_start=not proxy and args.validate_at_start)
+            validate_at_start=proxy or args.validate_at_start)
 
     progress("features: the frozen feature store of each dataset for this backbone (context turns, images)")
     from dialclip_ray.features.build import ensure_store
 
     for path in (corpus.photochat, corpus.mmdialog):
-        ensure_store(path, make_config("dialclip", grid[0]).model, args.features)
+        ensure_store(path, make_config("default", grid[0]).model, args.features)
 
-    progress(f"lr: {len(grid)}-point grid {grid} per trained variant, proxy {args.proxy_epochs} epoch(s) on "
-             f"{args.proxy_train} examples per dataset and type")
-    lrs = {}
-    for v in variants:
-        if v != "zeroshot":
-            lrs[v] = B.select_lr(v, make_config, grid, log=lambda s: print(s, flush=True))
+    progress(f"lr: one Ray Tune sweep, {len(grid)}-point grid {grid} x every trained variant, proxy "
+             f"{args.proxy_epochs} epoch(s) on {args.proxy_train} examples per dataset and type")
+    trained = [v for v in variants if v != "zeroshot"]
+    lrs = B.select_lrs(trained, make_config, grid, cache / "bench_lr_sweep", log=lambda s: print(s, flush=True)) \
+        if trained else {}
 
     progress("train + rank: " + ", ".join(f"{v} x {seeds_of(v, args)}" for v in variants))
     from dialclip_ray.model.checkpoint import load_checkpoint
@@ -160,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
                 runs.add(v, seed, name, B.rank_queries(model, bb, path, "test", features=args.features,
                                                        max_queries={"text": args.max_text_queries}))
             rank_s = time.time() - t0
-            runs.runs.setdefault(v, {})[seed] = {
+            pc_image = runs.ranks[(v, "photochat", "dialog_to_image")][seed]
+            attributes = B.attribute_agreement(corpus.raw / "synth_truth.json", pc_image)
+            runs.runs.setdefault(v, {})[seed] = {"photochat_top1_attributes": attributes,
                 "lr": lr, "trainable_params": meta["params"]["trainable"],
                 "trainable_percent": meta["params"]["percent"], "best_epoch": meta["extra"].get("epoch"),
                 "val_sum": outcome.best_metrics.get("val_sum"), "train_seconds": round(outcome.wall_seconds, 1),
@@ -182,8 +176,12 @@ def main(argv: list[str] | None = None) -> int:
         "max_train_examples_per_dataset_and_type": args.max_train, "max_val_examples": args.max_val,
         "batch_size": args.batch_size, "workers": args.workers, "max_text_queries": args.max_text_queries,
         "lr_selection": {"grid": grid, "proxy_epochs": args.proxy_epochs, "proxy_train": args.proxy_train,
-                         "proxy_val": args.proxy_val, "finetune_backbone_lr": "lr / 20", "chosen": lrs},
-        "corpus": {"dir": B.rel(corpus.raw.parent), **{k: v for k, v in corpus_spec.items()}, "counts": counts},
+                         "proxy_val": args.proxy_val, "proxy_validate_at_start": True,
+                         "score": "best validation Sum after epoch 0 (epoch 0 recorded beside it)",
+                         "warmup_steps": make_config("default", grid[0]).optim.warmup_steps,
+                         "how": "one Ray Tune grid sweep over (variant, lr), one trial at a time",
+                         "finetune_backbone_lr": "lr / 20", "chosen": lrs},
+        "corpus": {"dir": B.rel(corpus.raw.parent), "dialogs": corpus_spec["dialogs"], **spec, "counts": counts},
         "test_protocols": {"photochat": "each test dialog against all test photos",
                            "mmdialog": "each test target against its own 999 negatives + the target"},
         "statistics": {"n_boot": B.stats.N_BOOT, "ci": "95% percentile bootstrap; seeds then queries",

@@ -15,7 +15,7 @@ def _runs(rng: np.random.Generator) -> B.BenchmarkRuns:
     q = {("photochat", "dialog_to_image"): (400, 1000), ("mmdialog", "dialog_to_image"): (300, 1000),
          ("mmdialog", "dialog_to_text"): (500, 1000)}
     base = {k: rng.integers(1, 60, size=n) for k, (n, _) in q.items()}
-    for variant, seeds, better in (("zeroshot", 1, 0), ("dialclip", 3, 1), ("finetune", 2, 0)):
+    for variant, seeds, better in (("zeroshot", 1, 0), ("default", 3, 1), ("finetune", 2, 0)):
         for seed in range(seeds):
             for dataset in ("photochat", "mmdialog"):
                 per = {}
@@ -47,35 +47,35 @@ def test_write_results_json_markdown_and_plot(tmp_path):
         assert set(r) >= {"variant", "dataset", "retrieval_type", "seed", "queries", "candidates", "R@1", "R@5",
                           "R@10", "Sum"}
         assert r["candidates"] == 1000 and r["Sum"] == pytest.approx(r["R@1"] + r["R@5"] + r["R@10"], abs=0.01)
-    comps = [c for c in data["comparisons"] if c["a"] == "dialclip" and c["b"] == "zeroshot"]
+    comps = [c for c in data["comparisons"] if c["a"] == "default" and c["b"] == "zeroshot"]
     assert len(comps) == 3 * 2  # tasks x (Sum, R@1)
     for c in comps:
         assert len(c["ci95"]) == 2 and c["ci95"][0] > 0 and c["diff"] > 0 and c["verdict"] == "a better"
-    assert not [c for c in data["comparisons"] if "gated" in (c["a"], c["b"])]  # absent variants are skipped
+    assert not [c for c in data["comparisons"] if "ungated" in (c["a"], c["b"])]  # absent variants are skipped
     same = [c for c in data["comparisons"] if c["a"] == "finetune" and c["b"] == "zeroshot"]
     assert same and all(c["diff"] == 0 and c["ci95"] == [0, 0] for c in same)
     summ = {(s["variant"], s["dataset"], s["retrieval_type"]): s for s in data["summary"]}
-    assert summ[("dialclip", "mmdialog", "dialog_to_text")]["seeds"] == [0, 1, 2]
+    assert summ[("default", "mmdialog", "dialog_to_text")]["seeds"] == [0, 1, 2]
     assert (tmp_path / "bench.png").stat().st_size > 1000
     md = (tmp_path / "bench.md").read_text()
-    assert "| dialclip | 3 |" in md and "a better" in md and "41.5%" in md
+    assert "| default | 3 |" in md and "a better" in md and "41.5%" in md
 
 
 def test_seeds_that_ranked_different_queries_are_refused():
     runs = B.BenchmarkRuns()
-    runs.add("dialclip", 0, "photochat", {"dialog_to_image": B.QueryRanks(np.array([1, 2]), ["a", "b"], 2)})
-    runs.add("dialclip", 1, "photochat", {"dialog_to_image": B.QueryRanks(np.array([1, 2]), ["a", "c"], 2)})
+    runs.add("default", 0, "photochat", {"dialog_to_image": B.QueryRanks(np.array([1, 2]), ["a", "b"], 2)})
+    runs.add("default", 1, "photochat", {"dialog_to_image": B.QueryRanks(np.array([1, 2]), ["a", "c"], 2)})
     with pytest.raises(ValueError, match="other queries"):
-        runs.matrix(("dialclip", "photochat", "dialog_to_image"))
+        runs.matrix(("default", "photochat", "dialog_to_image"))
 
 
 def test_a_missing_preset_is_a_clear_error(monkeypatch):
     from dialclip_ray.model import config
 
-    monkeypatch.setattr(config, "PRESETS", {k: v for k, v in config.PRESETS.items() if k != "gated"})
-    with pytest.raises(SystemExit, match="'gated'.*PRESETS"):
-        B.check_variant("gated")
-    B.check_variant("dialclip")
+    monkeypatch.setattr(config, "PRESETS", {k: v for k, v in config.PRESETS.items() if k != "ungated"})
+    with pytest.raises(SystemExit, match="'ungated'.*PRESETS"):
+        B.check_variant("ungated")
+    B.check_variant("default")
 
 
 def test_first_dialogs_keeps_whole_conversations():
@@ -97,3 +97,17 @@ def test_committed_results_hold_no_absolute_paths():
     offenders = {f.name: pattern.findall(f.read_text(errors="replace"))[:3]
                  for f in sorted(results.glob("*")) if f.suffix in (".json", ".md", ".yaml")}
     assert not {k: v for k, v in offenders.items() if v}
+
+
+def test_attribute_agreement_says_which_attributes_the_top1_photo_gets_right(tmp_path):
+    truth = {"attributes": ["colour", "shape", "count"],
+             "photochat": {"a": ["red", "dog", 1], "b": ["red", "cat", 1], "c": ["blue", "cat", 2]}}
+    (tmp_path / "synth_truth.json").write_text(json.dumps(truth))
+    qr = B.QueryRanks(np.array([1, 2, 3]), ["q0", "q1", "q2"], 3, target_ids=["a", "a", "b"],
+                      top1_ids=["a", "b", "c"])
+    out = B.attribute_agreement(tmp_path / "synth_truth.json", qr)
+    assert out["queries"] == 3 and out["misses"] == 2
+    assert out["all_queries"] == {"colour": pytest.approx(66.67), "shape": pytest.approx(66.67),
+                                  "count": pytest.approx(66.67)}
+    assert out["misses_only"] == {"colour": 50.0, "shape": 50.0, "count": 50.0}
+    assert B.attribute_agreement(tmp_path / "synth_truth.json", B.QueryRanks(np.array([1]), ["q"], 1)) == {}

@@ -5,11 +5,11 @@ Stages (each cached on disk by ``pipelines.experiments``, so a rerun resumes):
 1. corpus at the real protocols' sizes (``BENCH_CORPUS``): PhotoChat-style 4,000 / 1,000 / 1,000
    dialogs (test: 1,000 queries against the 1,000 test photos), MMDialog-style 2,800 / 360 / 720
    conversations (test: 1,008 image and 8,238 text targets, each against its own 999 negatives;
-   validation 516 / 4,160), plus 30,000 caption-only images for the backbone;
-2. the small CLIP pretrained here (``BACKBONE``: dialclip-small, one epoch over 118k captions;
-   held-out caption-to-image R@1 measured among exactly 1,000 held-out photos);
-3. per-variant learning rate: the same grid for every trained variant, each point a short proxy
-   run, the best validation Sum wins (``select_lr``);
+   validation 516 / 4,160) (plus 30,000 caption-only images with ``--pretrain-backbone``);
+2. the backbone: the shipped stand-in CLIP (``STANDIN_BACKBONE``, model/standin.py; its facts from
+   ``standin_facts``), or with ``--pretrain-backbone`` a small CLIP pretrained on this corpus (``BACKBONE``);
+3. per-variant learning rate: the same grid for every trained variant, each point a proxy run of
+   200+ steps, all of them one Ray Tune sweep; the best validation Sum wins (``select_lrs``);
 4. training per variant and seed, keeping the best-validation-Sum epoch (``train_variant``);
 5. per-query ranks of every test query (``rank_queries``): the same queries in the same order for
    every variant, so differences can be paired;
@@ -39,7 +39,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 # Stage 1: data at the real protocols' size (design 3.2 / 3.3); see the module docstring for the counts.
 BENCH_CORPUS = dict(dialogs=6000, photochat_sizes=(4000, 1000, 1000), mmdialog_sizes=(2800, 360, 720),
-                    caption_images=30_000)
+                    caption_images=0)
+PRETRAIN_CAPTION_IMAGES = 30_000  # added to the corpus with --pretrain-backbone (pretraining-only images)
 QUICK_CORPUS = dict(dialogs=220, photochat_sizes=(120, 40, 60), mmdialog_sizes=(30, 10, 12), caption_images=0)
 # Stage 2: the backbone. dialclip-small (ViT 64 px / patch 8, width 128, 4 + 4 layers, 7.8 M parameters);
 # one epoch over the 118,122 training captions at batch 128 (922 steps).
@@ -47,13 +48,14 @@ BACKBONE = dict(model_name="dialclip-small", epochs=1, lr=2e-3, batch_size=128, 
                 eval_max_images=1000, cache_images=False)  # one pass: caching 38k images buys nothing, costs GBs
 QUICK_BACKBONE = dict(model_name="dialclip-micro", epochs=1, lr=2e-3, batch_size=32, warmup_steps=5,
                       eval_max_images=1000)
-# Stage 3: one grid for every trained variant (finetune: its backbone_lr keeps the default 1:20 ratio).
-LR_GRID = (5e-4, 2e-3, 5e-3)
+# Stage 3: one grid for every trained variant, 5e-5 to 5e-3 (finetune: its backbone_lr keeps the 1:20 ratio).
+LR_GRID = (5e-5, 5e-4, 5e-3)
 
 # The comparisons the benchmark answers (a, b): "does a beat b on the same queries?"
-COMPARISONS = (("dialclip", "zeroshot"), ("dialclip", "finetune"), ("gated", "zeroshot"), ("gated", "dialclip"),
-               ("gated", "finetune"), ("finetune", "zeroshot"), ("paper-budget", "zeroshot"),
-               ("dialclip", "no-context"), ("dialclip", "no-domain"), ("dialclip", "single-expert"))
+COMPARISONS = (("finetune", "zeroshot"), ("default", "zeroshot"), ("default", "finetune"),
+               ("ungated", "zeroshot"), ("ungated", "finetune"), ("default", "ungated"),
+               ("paper-budget", "zeroshot"), ("default", "no-context"), ("default", "no-domain"),
+               ("default", "single-expert"))
 COMPARISON_METRICS = ("Sum", "R@1")
 DATASETS = ("photochat", "mmdialog")
 
@@ -79,6 +81,8 @@ class QueryRanks:
     ranks: np.ndarray  # [Q] 1-based
     query_ids: list[str]
     candidates: int  # candidates per query (shared pool size, or the per-example list length)
+    target_ids: list[str] | None = None
+    top1_ids: list[str] | None = None  # the best-scored candidate per query (shared-pool protocol only)
 
     @property
     def queries_digest(self) -> str:
@@ -139,29 +143,99 @@ def rank_queries(model, backbone, dataset_dir: str | os.PathLike, split: str = "
         ranks = ranks_for(queries, records, pool_ids, pool)
         per_example = bool(records) and all(r.candidates for r in records)
         n_cand = max(len(r.candidates) for r in records) if per_example else len(pool_ids)
-        out[name] = QueryRanks(np.asarray(ranks, dtype=np.int64), [r.id for r in records], n_cand)
+        top1 = None if per_example else [pool_ids[i] for i in np.argmax(queries @ pool.T, axis=1)]
+        out[name] = QueryRanks(np.asarray(ranks, dtype=np.int64), [r.id for r in records], n_cand,
+                               [r.target_id for r in records], top1)
     return out
+
+
+def attribute_agreement(truth_file: str | os.PathLike, qr: QueryRanks) -> dict:
+    """Which attributes the top-1 photo gets right (synthetic corpora only: ``synth_truth.json``).
+
+    Per attribute, the share of queries whose top-1 photo has the target's value, over all queries and
+    over the misses (top-1 is another photo): where a model's errors come from (say, colour right,
+    count wrong), the evidence a bare R@1 hides."""
+    truth = json.loads(Path(truth_file).read_text())
+    scenes, names = truth["photochat"], truth["attributes"]
+    if not qr.top1_ids or not qr.target_ids:
+        return {}
+    pairs = [(scenes.get(t), scenes.get(p)) for t, p in zip(qr.target_ids, qr.top1_ids)]
+    pairs = [(t, p) for t, p in pairs if t is not None and p is not None]
+    misses = [(t, p) for t, p in pairs if t != p]
+    agree = lambda rows, i: round(100.0 * sum(t[i] == p[i] for t, p in rows) / max(1, len(rows)), 2)  # noqa: E731
+    return {"queries": len(pairs), "misses": len(misses),
+            "all_queries": {a: agree(pairs, i) for i, a in enumerate(names)},
+            "misses_only": {a: agree(misses, i) for i, a in enumerate(names)}}
 
 
 # ---------------------------------------------------------------------------------------- training stages
 
 
-def select_lr(variant: str, make_config: Callable[..., Any], grid: Sequence[float] = LR_GRID,
-              log: Callable[[str], None] = print) -> dict:
-    """Proxy runs of ``variant`` at each learning rate of ``grid``; the best validation Sum wins.
+def proxy_score(history: Sequence[Mapping]) -> tuple[float, float | None]:
+    """(best validation Sum after training started, the epoch-0 Sum) of a proxy run's history.
 
-    ``make_config(variant, lr=..., proxy=True)`` builds the proxy TrainConfig (the caller fixes its
-    budget: epochs, example caps). Returns ``{"lr": best, "grid": {lr: val_sum}}``.
-    """
+    The learning rate is judged by what training did: epoch 0 (the model as built) is the same for
+    every lr of a variant, so it is recorded beside the score, not in it."""
+    trained = [float(h["val_sum"]) for h in history if h.get("val_sum") is not None and h.get("epoch", 0) >= 1]
+    start = next((float(h["val_sum"]) for h in history if h.get("epoch") == 0 and h.get("val_sum") is not None),
+                 None)
+    return (max(trained) if trained else float("-inf")), start
+
+
+def _proxy_trial(params: dict, configs: dict) -> None:
+    """One Tune trial: the proxy run of (variant, lr); a finished run with the same config is reused."""
+    from ray import tune
+
+    from dialclip_ray.train.config import TrainConfig
     from dialclip_ray.train.run import run_training
 
-    scores = {}
-    for lr in grid:
-        outcome = run_training(make_config(variant, lr=lr, proxy=True))
-        scores[lr] = float(outcome.best_metrics.get("val_sum", float("-inf")))
-        log(f"    {variant} lr={lr:g}: val Sum {scores[lr]:.2f} ({outcome.wall_seconds:.0f}s)")
-    best = max(grid, key=lambda lr: (scores[lr], -abs(np.log(lr / grid[len(grid) // 2]))))
-    return {"lr": best, "grid": {f"{lr:g}": round(v, 3) for lr, v in scores.items()}}
+    cfg = TrainConfig.model_validate(configs[f"{params['variant']}@{params['lr']!r}"])
+    outcome = run_training(cfg)
+    score, start = proxy_score(outcome.history)
+    tune.report({"val_sum": score, "val_sum_epoch0": start, "wall_s": outcome.wall_seconds,
+                 "steps": max((int(h.get("step", 0)) for h in outcome.history), default=0),
+                 "curve": [[h.get("step"), h.get("val_sum")] for h in outcome.history]})
+
+
+def select_lrs(variants: Sequence[str], make_config: Callable[..., Any], grid: Sequence[float] = LR_GRID,
+               storage: str | os.PathLike = "runs/cache/bench_lr_sweep",
+               log: Callable[[str], None] = print) -> dict[str, dict]:
+    """Every variant's proxy runs at every lr of ``grid`` as one Ray Tune grid sweep (one warm cluster,
+    one trial at a time: the trial's Train workers take the cores); the best validation Sum wins.
+
+    ``make_config(variant, lr=..., proxy=True)`` builds the proxy TrainConfig (the caller fixes its
+    budget). Returns ``{variant: {"lr": best, "grid": {lr: val_sum}, "epoch0": val_sum, ...}}``.
+    """
+    from ray import tune
+
+    from dialclip_ray.runtime import ensure_ray
+
+    configs = {f"{v}@{lr!r}": make_config(v, lr=lr, proxy=True).model_dump(mode="json")
+               for v in variants for lr in grid}
+    workers = next(iter(configs.values()))["run"]["workers"]
+    ensure_ray(num_cpus=workers + 1)
+    name = "sweep-" + hashlib.sha256(json.dumps(configs, sort_keys=True).encode()).hexdigest()[:10]
+    tuner = tune.Tuner(
+        tune.with_resources(tune.with_parameters(_proxy_trial, configs=configs), {"cpu": 0.5}),
+        param_space={"variant": tune.grid_search(list(variants)), "lr": tune.grid_search(list(grid))},
+        tune_config=tune.TuneConfig(metric="val_sum", mode="max", max_concurrent_trials=1),
+        run_config=tune.RunConfig(name=name, storage_path=str(Path(storage).resolve()), verbose=0))
+    results = tuner.fit()
+    scores: dict[str, dict[float, dict]] = {}
+    for r in results:
+        if r.error is not None or not r.metrics:
+            raise RuntimeError(f"proxy trial {r.config} failed: {r.error}")
+        scores.setdefault(r.config["variant"], {})[r.config["lr"]] = r.metrics
+    out = {}
+    for v in variants:
+        by_lr = scores[v]
+        best = max(grid, key=lambda lr: (by_lr[lr]["val_sum"], -abs(np.log(lr / grid[len(grid) // 2]))))
+        out[v] = {"lr": best, "grid": {f"{lr:g}": round(by_lr[lr]["val_sum"], 3) for lr in grid},
+                  "epoch0": by_lr[best].get("val_sum_epoch0"), "steps": by_lr[best].get("steps"),
+                  "curves": {f"{lr:g}": by_lr[lr].get("curve") for lr in grid}}
+        log(f"    {v}: " + ", ".join(f"lr {lr:g} -> {by_lr[lr]['val_sum']:.2f}" for lr in grid)
+            + f" (epoch 0: {out[v]['epoch0']}); chosen {best:g}")
+    return out
 
 
 def check_variant(variant: str) -> None:
@@ -169,9 +243,8 @@ def check_variant(variant: str) -> None:
     from dialclip_ray.model.config import PRESETS
     from dialclip_ray.pipelines.experiments import VARIANTS
 
-    preset = "ungated" if variant == "dialclip" else variant  # "dialclip": the paper's form
-    if variant not in VARIANTS or preset not in PRESETS:
-        raise SystemExit(f"variant {variant!r} needs the model preset {preset!r}, which "
+    if variant not in VARIANTS or variant not in PRESETS:
+        raise SystemExit(f"variant {variant!r} needs the model preset {variant!r}, which "
                          f"dialclip_ray/model/config.py PRESETS does not define (known: {', '.join(PRESETS)}); "
                          f"drop it with --variants or add the preset")
 
@@ -293,6 +366,18 @@ def markdown(report: dict) -> str:
     for c in report["comparisons"]:
         lines.append(f"| {c['a']} | {c['b']} | {_task(c)} | {c['metric']} | {c['diff']:+.2f} | "
                      f"[{c['ci95'][0]:+.2f}, {c['ci95'][1]:+.2f}] | {c['p_boot']:.4f} | {c['verdict']} |")
+    attrs = {v: [f["photochat_top1_attributes"] for f in by_seed.values() if f.get("photochat_top1_attributes")]
+             for v, by_seed in report.get("variants", {}).items()}
+    names = next((list(a[0]["all_queries"]) for a in attrs.values() if a), [])
+    if names:
+        lines += ["", "## Where the errors are (PhotoChat-style test: share of top-1 photos with the target's "
+                  "value, all queries / misses only; mean over seeds)", "",
+                  "| variant | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+        for v, rows in attrs.items():
+            if rows:
+                cells = [f"{np.mean([r['all_queries'][a] for r in rows]):.1f} / "
+                         f"{np.mean([r['misses_only'][a] for r in rows]):.1f}" for a in names]
+                lines.append(f"| {v} | " + " | ".join(cells) + " |")
     proto = report["protocol"]
     if proto.get("command"):
         lines += ["", f"Command: `{proto['command']}`"]
@@ -341,6 +426,33 @@ def write_results(out: str | os.PathLike, runs: BenchmarkRuns, backbone: dict, p
     atomic_write_text(out.with_suffix(".md"), markdown(report))
     plot(report, out.with_suffix(".png"))
     return report
+
+
+STANDIN_BACKBONE = ("dialclip-small", "synthetic")  # the shipped stand-in (model/standin.py)
+
+
+def standin_facts(corpus) -> dict:
+    """The ``backbone`` block for the shipped stand-in: what was measured on it at packing time
+    (held-out recall on the probe corpus, reading test, EOT positions) plus the token coverage of
+    this corpus's test query windows."""
+    from dialclip_ray.model import standin
+    from dialclip_ray.model.backbone import load_backbone
+    from dialclip_ray.pretrain.reading import token_coverage
+
+    info = standin.packed_info()
+    seen = standin.packed_token_ids()
+    tok = load_backbone(standin.STANDIN_MODEL, load_weights=False).tokenizer
+    coverage = {"photochat/dialog_to_image": token_coverage(corpus.photochat, seen, tok),
+                "mmdialog/dialog_to_image": token_coverage(corpus.mmdialog, seen, tok),
+                "mmdialog/dialog_to_text": token_coverage(corpus.mmdialog, seen, tok, target_type="text")}
+    heldout = info.get("heldout_probe", {})
+    return {"model_name": standin.STANDIN_MODEL, "pretrained": standin.STANDIN_TAG,
+            "heldout_caption_to_image_R@1": heldout.get("caption_to_image_R@1"),
+            "heldout_pool": heldout.get("pool_size"), "metrics": heldout,
+            "token_coverage": coverage, "reading_test": info.get("reading_test"),
+            "eot_positions": info.get("eot_positions"), "pretrain": info.get("pretrain"),
+            "pretrain_corpus": info.get("corpus"), "packed_file": rel(standin.PACKED_FILE),
+            "measured_by": "python bench/standin_reading.py (bench/results/standin_reading.json)"}
 
 
 def backbone_facts(clip_result) -> dict:

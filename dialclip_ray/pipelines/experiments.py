@@ -16,10 +16,10 @@ from pathlib import Path
 from dialclip_ray.model.config import BackboneConfig, DialCLIPConfig, merge_preset
 from dialclip_ray.train.config import DataSection, OptimSection, RunSection, TrainConfig
 
-# The variants of the paper's comparison: DialCLIP, its baselines and its three ablations, plus the
-# gated form (prompts that start at zero-shot CLIP) and the paper's parameter budget. Each is the
-# model preset of the same name ("dialclip": the default preset).
-VARIANTS = ("dialclip", "zeroshot", "finetune", "no-context", "no-domain", "single-expert", "gated", "paper-budget")
+# The variants of the comparison, each the model preset of the same name: the product default (gated
+# prompts that start at zero-shot CLIP), the paper's ungated form, the paper's parameter budget, the
+# two baselines, and the three ablations of the default.
+VARIANTS = ("default", "ungated", "paper-budget", "zeroshot", "finetune", "no-context", "no-domain", "single-expert")
 
 
 @dataclass
@@ -122,8 +122,7 @@ def variant_config(variant: str, corpus: Corpus, backbone: BackboneConfig, stora
     """The training config of one variant; the run name hashes it, so identical configs share a run."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; known: {VARIANTS}")
-    preset = "ungated" if variant == "dialclip" else variant  # "dialclip": the paper's form
-    model = DialCLIPConfig(**merge_preset({**(model_overrides or {}), "preset": preset, "backbone": backbone}))
+    model = DialCLIPConfig(**merge_preset({**(model_overrides or {}), "preset": variant, "backbone": backbone}))
     cfg = TrainConfig(
         model=model,
         data=DataSection(train=corpus.datasets, max_train_examples=max_train_examples,
