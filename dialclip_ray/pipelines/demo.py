@@ -27,8 +27,10 @@ class DemoConfig(BaseModel):
     dialogs: int = Field(1500, ge=20)
     seed: int = 0
     image_size: int = 64
-    model_name: str = "dialclip-tiny"
-    pretrain_epochs: int = Field(6, ge=1)
+    model_name: str = "dialclip-small"
+    pretrained: str | None = Field("synthetic", description="the shipped stand-in tag (model/standin.py); "
+                                   "None: pretrain model_name here on the corpus captions")
+    pretrain_epochs: int = Field(6, ge=1, description="with pretrained None")
     epochs: int = Field(2, ge=1)
     workers: int = Field(2, ge=1)
     max_train_examples: int | None = None
@@ -44,11 +46,31 @@ class DemoConfig(BaseModel):
 
 LATEST = "latest"  # runs/demo/latest -> the newest complete demo output (see publish_latest)
 
-TINY = dict(dialogs=40, image_size=32, model_name="dialclip-micro", pretrain_epochs=1, epochs=1,
+TINY = dict(dialogs=40, image_size=32, model_name="dialclip-micro", pretrained=None, pretrain_epochs=1, epochs=1,
             max_train_examples=24, max_val_examples=12, queries=2, shards=2)
 
 
-def _train_variants(cfg: DemoConfig, stage: Stages, corpus, backbone, runs: Path, clip) -> tuple[dict, dict, dict]:
+def _backbone(cfg: DemoConfig, corpus, cache: Path):
+    """Stage 2: the shipped stand-in (no pretraining on the user's machine), or a small CLIP pretrained here.
+    Returns (BackboneConfig, a name for its weights, its held-out facts)."""
+    from dialclip_ray.model import standin
+    from dialclip_ray.model.config import BackboneConfig
+    from dialclip_ray.pipelines.experiments import ensure_small_clip
+
+    if cfg.pretrained is not None:
+        info = standin.packed_info() if standin.is_standin(cfg.model_name, cfg.pretrained) else {}
+        print(f"    {cfg.model_name} + pretrained={cfg.pretrained!r}: held-out caption->image "
+              f"{info.get('heldout_probe', {})}")
+        return (BackboneConfig(model_name=cfg.model_name, pretrained=cfg.pretrained), cfg.pretrained,
+                info.get("heldout_probe", {}))
+    clip = ensure_small_clip(corpus, cache, cfg.model_name, cfg.pretrain_epochs, workers=cfg.workers)
+    print(f"    {'reused' if clip.cached else 'trained'} {clip.path}: {clip.meta.get('metrics', {})}")
+    return (BackboneConfig(model_name=cfg.model_name, pretrained=str(clip.path)), Path(clip.path).parent.name,
+            clip.meta.get("metrics", {}))
+
+
+def _train_variants(cfg: DemoConfig, stage: Stages, corpus, backbone, runs: Path, weights_name: str
+                    ) -> tuple[dict, dict, dict]:
     """Stages 3-4: DialCLIP and full fine-tuning with Ray Train; zero-shot CLIP saved as a checkpoint."""
     from dialclip_ray.model.checkpoint import save_checkpoint
     from dialclip_ray.model.dialclip import build_model
@@ -56,8 +78,8 @@ def _train_variants(cfg: DemoConfig, stage: Stages, corpus, backbone, runs: Path
     from dialclip_ray.train.run import run_training
 
     checkpoints, histories, run_dirs = {}, {}, {}
-    for variant in ("dialclip", "finetune"):
-        stage(f"{'DialCLIP prompt tuning' if variant == 'dialclip' else 'full fine-tuning baseline'} "
+    for variant in ("default", "finetune"):
+        stage(f"{'DialCLIP prompt tuning' if variant == 'default' else 'full fine-tuning baseline'} "
               f"(Ray Train, {cfg.workers} workers)")
         tcfg = variant_config(variant, corpus, backbone, runs, cfg.epochs, cfg.workers, cfg.seed,
                               max_train_examples=cfg.max_train_examples, max_val_examples=cfg.max_val_examples)
@@ -65,11 +87,11 @@ def _train_variants(cfg: DemoConfig, stage: Stages, corpus, backbone, runs: Path
         checkpoints[variant], histories[variant] = str(outcome.best), outcome.history
         run_dirs[variant] = outcome.run_dir
         print(f"    {'trained' if outcome.trained else 'reused'} {outcome.run_dir}")
-    zs_dir = runs / "zeroshot" / f"{Path(clip.path).parent.name}-{cfg.model_name}"
+    zs_dir = runs / "zeroshot" / f"{weights_name}-{cfg.model_name}"
     if not (zs_dir / "dialclip.pt").is_file():
         model, _ = build_model(variant_config("zeroshot", corpus, backbone, runs, 0).model)
         save_checkpoint(model, zs_dir)
-    checkpoints = {"DialCLIP": checkpoints["dialclip"], "zero-shot CLIP": str(zs_dir),
+    checkpoints = {"DialCLIP": checkpoints["default"], "zero-shot CLIP": str(zs_dir),
                    "full fine-tune": checkpoints["finetune"]}
     return checkpoints, histories, run_dirs
 
@@ -126,9 +148,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     """Run every stage; returns a summary (also written as ``report.json`` next to ``report.md``)."""
     import ray
 
-    from dialclip_ray.model.config import BackboneConfig
     from dialclip_ray.pipelines.demo_report import write_report
-    from dialclip_ray.pipelines.experiments import ensure_corpus, ensure_small_clip
+    from dialclip_ray.pipelines.experiments import ensure_corpus
     from dialclip_ray.runtime import ensure_ray, wait_for_interrupt
 
     for noisy in ("ray.data", "ray.serve", "ray.train"):  # stage headers and our own output carry the progress
@@ -144,21 +165,21 @@ def run_demo(cfg: DemoConfig) -> dict:
         stage("synthetic corpus in the PhotoChat and MMDialog formats (generate + prepare)")
         corpus = ensure_corpus(cache, cfg.dialogs, cfg.seed, cfg.image_size)
 
-        stage(f"small CLIP ({cfg.model_name}) pretrained here on the synthetic captions (Ray Train)")
-        clip = ensure_small_clip(corpus, cache, cfg.model_name, cfg.pretrain_epochs, workers=cfg.workers)
-        print(f"    {'reused' if clip.cached else 'trained'} {clip.path}: {clip.meta.get('metrics', {})}")
-        backbone = BackboneConfig(model_name=cfg.model_name, pretrained=str(clip.path))
-        checkpoints, histories, run_dirs = _train_variants(cfg, stage, corpus, backbone, cache / "demo_runs", clip)
+        stage(f"stand-in CLIP ({cfg.model_name}, " + (f"shipped weights {cfg.pretrained!r})" if cfg.pretrained
+              else "pretrained here on the synthetic captions with Ray Train)"))
+        backbone, weights_name, clip_metrics = _backbone(cfg, corpus, cache)
+        checkpoints, histories, run_dirs = _train_variants(cfg, stage, corpus, backbone, cache / "demo_runs",
+                                                           weights_name)
         evaluation, url, answers = _evaluate_index_serve(cfg, stage, corpus, checkpoints, out)
 
         stage("report")
         times = stage.finish()
         summary = {"config": cfg.model_dump(), "checkpoints": checkpoints, "url": url, "stage_seconds": times,
-                   "total_seconds": time.time() - t_start, "pretrained_clip": clip.meta.get("metrics", {}),
+                   "total_seconds": time.time() - t_start, "pretrained_clip": clip_metrics,
                    "evaluation": {k: v["results"] for k, v in evaluation.items()}}
-        report = write_report(out, summary, evaluation, histories, answers, corpus)
+        report = write_report(out, summary, evaluation, histories, answers, corpus, run_dirs)
         (out / "report.json").write_text(json.dumps({**summary, "answers": answers}, indent=2, default=str))
-        latest = publish_latest(out, run_dirs["dialclip"])
+        latest = publish_latest(out, run_dirs["default"])
         print(f"\nreport: {report}\ntotal: {summary['total_seconds']:.0f}s")
         if latest:
             print(f"latest: {latest} -> {out.name} (run/ = the DialCLIP run, index/ = its index; "

@@ -1,8 +1,9 @@
 """The demo's queries and report: what a person looks at to see what the system does.
 
 ``report.md`` holds the metrics tables and the stage timings; ``training_curves.png``
-the validation Sum per epoch; ``contact_sheet.png`` for a few test dialogs the last
-turns next to the top retrieved photos, with the true photo framed in green.
+the per-step training loss and the validation Sum; ``contact_sheet.png`` for a few test
+dialogs the last turns and the context's attribute words next to the top retrieved
+photos (the true one framed green) and the true photo.
 """
 
 from __future__ import annotations
@@ -49,27 +50,55 @@ def ask_queries(url: str, corpus, n: int) -> list[dict]:
     return answers
 
 
-def plot_curves(histories: dict[str, list[dict]], path: Path) -> Path:
+def plot_curves(histories: dict[str, list[dict]], steps: dict[str, list[dict]], path: Path) -> Path:
+    """Per-step training loss (a running mean over 20 steps) and validation Sum at each validation step."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
-    for name, hist in histories.items():
-        epochs = [h["epoch"] for h in hist]
-        ax1.plot(epochs, [h["train_loss"] for h in hist], "o-", label=name)
-        ax2.plot(epochs, [h["val_sum"] for h in hist], "o-", label=name)
-    ax1.set(xlabel="epoch", ylabel="train loss", title="training loss")
-    ax2.set(xlabel="epoch", ylabel="validation Sum", title="validation Sum (dev)")
-    ax1.legend()
+    for i, (name, hist) in enumerate(histories.items()):
+        colour = f"C{i}"
+        rows = steps.get(name) or []
+        if rows:
+            by_step: dict[float, list[float]] = {}
+            for r in rows:  # one row per retrieval type and step: the step's mean over types
+                by_step.setdefault(r["step"], []).append(r["loss"])
+            x = np.array(sorted(by_step))
+            y = np.array([np.mean(by_step[k]) for k in x])
+            ax1.plot(x, y, ".", ms=2, alpha=0.3, color=colour)
+            w = min(20, len(y))
+            ax1.plot(x[w - 1:], np.convolve(y, np.ones(w) / w, mode="valid"), "-", color=colour, label=name)
+        val = [h for h in hist if h.get("val_sum") is not None]
+        ax2.plot([h.get("step", h["epoch"]) for h in val], [h["val_sum"] for h in val], "o-", color=colour,
+                 label=name)
+    ax1.set(xlabel="optimizer step", ylabel="train loss (InfoNCE)", title="training loss per step")
+    ax2.set(xlabel="optimizer step (0 = as built)", ylabel="validation Sum (mean over tasks)",
+            title="validation Sum (dev)")
+    ax1.legend(fontsize=8)
+    ax2.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 
 
+def _attribute_words_in(texts: list[str]) -> list[str]:
+    """The words of ``texts`` that name an attribute value (what decides the photo), in order of use."""
+    import re
+
+    from dialclip_ray.data.synthetic.vocab import attribute_words
+
+    names = attribute_words()
+    words = [w for t in texts for w in re.findall(r"[a-z]+", t.lower())]
+    return list(dict.fromkeys(w for w in words if w in names))
+
+
 def contact_sheet(answers: list[dict], corpus, path: Path) -> Path:
+    """Per test dialog: its last turns and the attribute words of the whole context, the top photos the
+    served model returned (the true one framed green) and, last, the true photo itself."""
     import textwrap
 
     import matplotlib
@@ -79,27 +108,43 @@ def contact_sheet(answers: list[dict], corpus, path: Path) -> Path:
     from PIL import Image
 
     rows = [a for a in answers if a["target_type"] == "image"]
-    roots = {ds.source: ds for ds in (CanonicalDataset.load(corpus.photochat), CanonicalDataset.load(corpus.mmdialog))}
+    datasets = [CanonicalDataset.load(corpus.photochat), CanonicalDataset.load(corpus.mmdialog)]
     k = max((len(a["hits"]) for a in rows), default=1)
-    fig, axes = plt.subplots(len(rows), k + 1, figsize=(2.2 * (k + 1), 2.4 * len(rows)), squeeze=False)
+
+    def show(ax, image_id: str) -> None:
+        ds = next((d for d in datasets if d.has_image(image_id)), None)
+        if ds is not None:
+            ax.imshow(Image.open(ds.image_path(image_id)).convert("RGB"))
+        ax.set_xticks([])
+        ax.set_yticks([])
+
+    fig, axes = plt.subplots(len(rows), k + 2, figsize=(2.2 * (k + 2), 2.5 * len(rows)), squeeze=False,
+                             gridspec_kw={"width_ratios": [2.2] + [1] * (k + 1)})
     for r, answer in enumerate(rows):
-        text = "\n".join(textwrap.fill(t, 38) for t in answer["context"][-4:])
+        text = "\n".join(textwrap.fill(t, 48) for t in answer["context"][-4:])
+        attrs = ", ".join(_attribute_words_in(answer["context"])) or "(none)"
         axes[r][0].text(0, 1, text, va="top", fontsize=6, wrap=True)
+        axes[r][0].text(0, 0, "attribute words in the context:\n" + textwrap.fill(attrs, 48), va="bottom",
+                        fontsize=6.5, color="tab:blue", weight="bold")
         axes[r][0].axis("off")
         for c, hit in enumerate(answer["hits"][:k]):
             ax = axes[r][c + 1]
-            ds = next((d for d in roots.values() if d.has_image(hit["id"])), None)
-            if ds is not None:
-                ax.imshow(Image.open(ds.image_path(hit["id"])).convert("RGB"))
-            ax.set_xticks([])
-            ax.set_yticks([])
+            show(ax, hit["id"])
             hit_ok = hit["id"] == answer["target_id"]
             for spine in ax.spines.values():
                 spine.set_edgecolor("tab:green" if hit_ok else "lightgrey")
                 spine.set_linewidth(4 if hit_ok else 1)
-            ax.set_title(f"#{hit['rank']} {hit['score']:.2f}", fontsize=7)
-    fig.suptitle("test dialogs (left) and the top photos the served model retrieved (true photo in green)",
-                 fontsize=9)
+            ax.set_title(f"#{hit['rank']} {hit['score']:.2f}" + (" TRUE" if hit_ok else ""), fontsize=7)
+        truth = axes[r][k + 1]
+        show(truth, answer["target_id"])
+        for spine in truth.spines.values():
+            spine.set_edgecolor("tab:green")
+            spine.set_linewidth(2)
+            spine.set_linestyle("--")
+        rank = answer.get("target_rank")
+        truth.set_title(f"true photo ({f'rank {rank}' if rank else f'not in top {k}'})", fontsize=7)
+    fig.suptitle("test dialogs (left), the top photos the served model retrieved (true one framed green), "
+                 "and the true photo (right)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -107,13 +152,18 @@ def contact_sheet(answers: list[dict], corpus, path: Path) -> Path:
 
 
 def write_report(out: Path, summary: dict, evaluation: dict, histories: dict, answers: list[dict],
-                 corpus) -> Path:
-    plot_curves({"DialCLIP": histories["dialclip"], "full fine-tune": histories["finetune"]},
+                 corpus, run_dirs: dict | None = None) -> Path:
+    from dialclip_ray.train.plots import read_steps
+
+    names = {"DialCLIP": "default", "full fine-tune": "finetune"}
+    plot_curves({n: histories[v] for n, v in names.items()},
+                {n: read_steps(run_dirs[v]) for n, v in names.items() if run_dirs and v in run_dirs},
                 out / "training_curves.png")
     contact_sheet(answers, corpus, out / "contact_sheet.png")
     lines = ["# dialclip-ray demo report", "",
              f"Synthetic corpus: {summary['config']['dialogs']} dialogs; backbone "
-             f"{summary['config']['model_name']} pretrained here "
+             f"{summary['config']['model_name']} "
+             f"{'(shipped stand-in ' + repr(summary['config']['pretrained']) + ')' if summary['config'].get('pretrained') else 'pretrained here'} "
              f"(held-out caption->image R@1 {summary['pretrained_clip'].get('caption_to_image_R@1', float('nan')):.1f}% "
              f"of {summary['pretrained_clip'].get('pool_size', '?')} images).",
              "", "## Test metrics (Ray Data evaluation)", ""]
