@@ -339,10 +339,18 @@ def markdown(report: dict) -> str:
     variants = list(dict.fromkeys(r["variant"] for r in summ))
     by = {(r["variant"], _task(r)): r for r in summ}
     bb = report["backbone"]
+    origin = (f"+ `pretrained={bb['pretrained']!r}` (the shipped stand-in)" if bb.get("pretrained")
+              else "pretrained here on this corpus")
+    reading = bb.get("reading_test") or {}
+    coverage = bb.get("token_coverage") or {}
     lines = ["# Synthetic benchmark", "",
-             f"Backbone: `{bb.get('model_name')}` pretrained here, held-out caption-to-image R@1 "
-             f"**{bb.get('heldout_caption_to_image_R@1', float('nan')):.1f}%** among {bb.get('heldout_pool')} "
-             f"held-out photos.", "",
+             f"Backbone: `{bb.get('model_name')}` {origin}, held-out caption-to-image R@1 "
+             f"**{bb.get('heldout_caption_to_image_R@1') or float('nan'):.1f}%** among {bb.get('heldout_pool')} "
+             f"held-out photos"
+             + (f"; followed by chit-chat it keeps {100 * reading['followed_kept']:.0f}% of that R@1, preceded "
+                f"{100 * reading['preceded_kept']:.0f}%" if reading else "")
+             + (f"; token coverage of the test query windows {min(c['tokens'] for c in coverage.values()):.1f}%"
+                f"-{max(c['tokens'] for c in coverage.values()):.1f}%" if coverage else "") + ".", "",
              "Test-set means over seeds, 95% bootstrap CI over seeds and queries in brackets "
              "(`dialclip_ray.evaluation.stats`).", "",
              "| variant | seeds | " + " | ".join(f"{t} R@1 | {t} Sum" for t in tasks) + " |",
