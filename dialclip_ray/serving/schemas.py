@@ -22,9 +22,8 @@ MAX_IMAGE_BYTES = 4 * 1024 * 1024
 MAX_B64_CHARS = (MAX_IMAGE_BYTES + 2) // 3 * 4 + len("data:image/jpeg;base64,")  # the image-size limit
 MAX_ID_CHARS = 512
 MAX_BATCH = 16  # dialogs per /v1/retrieve/batch body (the body's byte cap applies too)
-# The smallest per-request deadline: what an idle service meets with margin. Measured on the test app
-# (2 shards, 2 loaded cores): a shard round trip from the ingress takes 2-6 ms idle, p99.9 ~25 ms
-# while the machine's other job runs; 100 ms leaves 4x headroom, so a 504 means load, not the schema.
+# The smallest per-request deadline, meant to be one an idle service always meets. NOT YET MEASURED:
+# 100 ms is a chosen floor (issue 21 suggests 50-100 ms); confirm it with the idle shard round-trip p99.9.
 MIN_TIMEOUT_MS = 100
 MAX_NPROBE = 65_536
 MAX_EF_SEARCH = 4_096
