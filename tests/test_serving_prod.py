@@ -32,10 +32,12 @@ OK = {"context": [{"speaker": 0, "text": "a photo of the beach"}], "current": ""
 
 def replicas_of(deployment: str) -> list[dict]:
     """Live replica actors of one deployment of the app (name, pid), from Ray's state API."""
+    import ray
     from ray.util.state import list_actors
 
     prefix = f"SERVE_REPLICA::{APP}#{deployment}#"
-    return [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+    address = ray.get_runtime_context().gcs_address  # this cluster, even where another one runs on the host
+    return [a for a in list_actors(address=address, filters=[("state", "=", "ALIVE")], limit=1000)
             if (a.get("name") or "").startswith(prefix)]
 
 
