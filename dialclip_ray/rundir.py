@@ -106,6 +106,10 @@ def resolve_checkpoint(path: str | os.PathLike, base: str | os.PathLike | None =
 
 def index_checkpoint(index_dir: Path) -> Path:
     """The checkpoint an index was built from, as its ``index.json`` names it."""
+    if (index_dir / "CURRENT").is_file():  # a version root: the version it serves
+        from dialclip_ray.index.layout import resolve_index_dir
+
+        index_dir = resolve_index_dir(index_dir)
     info_path = index_dir / INDEX_INFO
     info = json.loads(info_path.read_text(encoding="utf-8"))
     named = info.get("checkpoint")
@@ -148,7 +152,7 @@ def resolve_serving(checkpoint: str | None = None, run_dir: str | None = None, i
         index_dir = str(storage.local_dir(storage.normalize(index_dir)))
     if index_dir:
         index = _absolute(index_dir, base)
-        if not (index / INDEX_INFO).is_file():
+        if not (index / INDEX_INFO).is_file() and not (index / "CURRENT").is_file():  # an index or a version root
             what = "does not exist" if not index.exists() else f"has no {INDEX_INFO} (not a finished index)"
             raise RunDirError(f"index_dir {_shown(index_dir, base)} {what}; build one with "
                               f"`dialclip index build --checkpoint RUN_DIR --corpus DATA --out DIR`")

@@ -23,10 +23,15 @@ def ray_cluster():
     """A local Ray cluster with a small fixed CPU count, shut down at the end."""
     import ray
 
+    from dialclip_ray.serving.loopback import free_port
+
     if not ray.is_initialized():
         # The dashboard hosts the State API, which Ray Train V2 needs to clean up placement groups of
-        # trainers stopped early (ASHA); without it their CPUs leak.
+        # trainers stopped early (ASHA); without it their CPUs leak. Metrics: Prometheus text on a free
+        # loopback port (``ray.metrics_port``), exported every second so a test sees them quickly.
+        port = free_port()
         ray.init(num_cpus=4, include_dashboard=True, dashboard_port=0, log_to_driver=False,
+                 _metrics_export_port=port, _system_config={"metrics_report_interval_ms": 1000},
                  runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}})
     yield ray
     try:
@@ -36,6 +41,13 @@ def ray_cluster():
     except Exception:
         pass
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_metrics_url(ray_cluster) -> str:
+    """Where this node's metrics agent serves Ray's Prometheus export (the port ray.init was given)."""
+    port = ray_cluster._private.worker._global_node.metrics_export_port
+    return f"http://127.0.0.1:{port}/metrics"
 
 
 @pytest.fixture(scope="session")

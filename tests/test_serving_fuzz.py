@@ -200,14 +200,13 @@ def test_info_shows_no_absolute_paths(client, fuzz_index):
 
 # --- schemathesis against the live schema -------------------------------------------------------------------
 
-FUZZ_EXAMPLES = 60  # per operation and generation mode
+FUZZ_EXAMPLES = 50  # per operation and generation mode
 
 
 def test_schemathesis_finds_no_5xx_and_no_schema_violation(base_url, replicas):
-    """Every documented operation, positive and negative bodies: no 5xx, every answer and status as documented.
-
-    The one 5xx the API documents for a well-formed request is 503 when a shard misses the request's own
-    ``timeout_ms`` (schemathesis likes ``timeout_ms: 1``); such answers are still checked for conformance."""
+    """Every documented operation (retrieve, batch, info, health, readiness), positive and negative bodies,
+    all checks: no 5xx at all on the idle service (the schema's smallest ``timeout_ms`` is one it meets),
+    and every answer and status as documented."""
     from schemathesis.generation.modes import GenerationMode
 
     schema = schemathesis.openapi.from_url(f"{base_url}/openapi.json")
@@ -222,19 +221,16 @@ def test_schemathesis_finds_no_5xx_and_no_schema_violation(base_url, replicas):
             @given(case=operation.as_strategy(generation_mode=mode))
             def run(case):
                 response = case.call(base_url=base_url, timeout=30)
-                checks = [response_schema_conformance, status_code_conformance]
-                body = case.body if isinstance(case.body, dict) else {}
-                own_deadline = (response.status_code == 503 and isinstance(body.get("timeout_ms"), (int, float))
-                                and "did not answer within" in response.text)
-                if not own_deadline:
-                    checks.append(not_a_server_error)
-                case.validate_response(response, checks=checks)
+                case.validate_response(response, checks=[not_a_server_error, response_schema_conformance,
+                                                         status_code_conformance])
                 stats[response.status_code] = stats.get(response.status_code, 0) + 1
 
             run()
     print("schemathesis:", seen)
     assert seen["POST /v1/retrieve positive"].get(200, 0) > 0  # the generator does reach valid requests
-    assert set(seen["POST /v1/retrieve negative"]) <= {400, 415, 422}
+    assert seen["POST /v1/retrieve/batch positive"].get(200, 0) > 0
+    for op in ("POST /v1/retrieve", "POST /v1/retrieve/batch"):
+        assert set(seen[f"{op} negative"]) <= {400, 415, 422}, seen
     assert replica_ids() == replicas
 
 

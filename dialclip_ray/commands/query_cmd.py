@@ -18,6 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--target", choices=["image", "text"], default=None)
     p.add_argument("--allow-partial", action="store_true")
     p.add_argument("--timeout", type=float, default=60.0, help="HTTP timeout in seconds")
+    p.add_argument("--retries", type=int, default=3,
+                   help="resend a 500/502/503/504 or a refused connection this many times (backoff, Retry-After)")
     p.set_defaults(func=main)
 
 
@@ -31,26 +33,8 @@ def load_dialog(path: str) -> dict:
     return body
 
 
-def post_json(url: str, body: dict, timeout: float) -> tuple[int, dict]:
-    """(status, JSON answer) with the standard library, so the client needs nothing beyond Python."""
-    import urllib.error
-    import urllib.request
-
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                                 headers={"content-type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            status, raw = r.status, r.read()
-    except urllib.error.HTTPError as err:
-        status, raw = err.code, err.read()
-    try:
-        return status, json.loads(raw)
-    except ValueError:
-        return status, {"error": raw[:500].decode(errors="replace")}
-
-
 def main(args: argparse.Namespace) -> int:
-    import urllib.error
+    from dialclip_ray.serving.client import retrieve
 
     body = load_dialog(args.dialog)
     for key, value in (("k", args.k), ("target", args.target)):
@@ -59,13 +43,14 @@ def main(args: argparse.Namespace) -> int:
     if args.allow_partial:
         body["allow_partial"] = True
     url = args.url.rstrip("/") + "/v1/retrieve"
-    try:
-        status, out = post_json(url, body, args.timeout)
-    except (urllib.error.URLError, OSError) as err:
-        print(f"error: cannot reach {url}: {err}", file=sys.stderr)
+    answer = retrieve(url, body, args.timeout, retries=max(0, args.retries))
+    status, out = answer.status, answer.body
+    if status == 0:
+        print(f"error: {out['error']} (after {answer.attempts} attempts)", file=sys.stderr)
         return 2
     if status != 200:
-        print(f"error {status}: {out.get('error', out)}", file=sys.stderr)
+        print(f"error {status}: {out.get('error', out)}"
+              + (f" (after {answer.attempts} attempts)" if answer.attempts > 1 else ""), file=sys.stderr)
         return 1
     print(f"{len(out['hits'])} hits in {out['took_ms']:.1f} ms" +
           (f" (PARTIAL: missing {', '.join(out['missing_shards'])})" if out["partial"] else ""))

@@ -16,10 +16,12 @@ from pathlib import Path
 
 
 def _encoder_actors() -> list[dict]:
+    import ray
     from ray.util.state import list_actors
 
+    address = ray.get_runtime_context().gcs_address  # this cluster, even where another one runs on the host
     return [{"class_name": a.class_name, "node_id": a.node_id, "required": dict(a.required_resources or {})}
-            for a in list_actors(detail=True, limit=1000) if "MapWorker" in (a.class_name or "")]
+            for a in list_actors(address=address, detail=True, limit=1000) if "MapWorker" in (a.class_name or "")]
 
 
 def gpu_placement(dataset_dir: str) -> dict:

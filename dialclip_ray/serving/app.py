@@ -4,6 +4,8 @@ What it serves: a training run directory (its ``best/`` checkpoint) or a checkpo
 directory; or an index alone, whose ``index.json`` names its checkpoint (``dialclip_ray.rundir``).
 Relative paths resolve against the working directory of the process that builds the app. It binds
 one ``Shard{i}`` deployment for every shard the index has, all with the ``shard_*`` options.
+``index_dir`` may be a version root (``index.layout``): the app serves the version ``CURRENT``
+names and follows it (hot swap); a different checkpoint or shard count needs a redeploy.
 
 Checks before anything starts: the index's identity must match the checkpoint
 (backbone weights hash and checkpoint digest) and its dimension the model's
@@ -60,7 +62,8 @@ def build_app(args: AppArgs | dict) -> Application:
 
     from dialclip_ray.model.backbone import backbone_geometry
     from dialclip_ray.model.checkpoint import read_checkpoint
-    from dialclip_ray.index.layout import IndexLayout, IndexMismatchError, check_identity, checkpoint_identity
+    from dialclip_ray.index.layout import (IndexLayout, IndexMismatchError, check_identity, checkpoint_identity,
+                                           is_version_root)
     from dialclip_ray.serving.encoder import QueryEncoder
     from dialclip_ray.rundir import resolve_serving
     from dialclip_ray.serving.ingress import RetrievalIngress
@@ -70,7 +73,8 @@ def build_app(args: AppArgs | dict) -> Application:
     checkpoint, index_dir = resolve_serving(args.checkpoint, args.run_dir, args.index_dir)  # relative: to the cwd
     run_dir = str(checkpoint.parent) if args.run_dir else None
     args = args.model_copy(update={"checkpoint": str(checkpoint), "index_dir": str(index_dir), "run_dir": run_dir})
-    layout = IndexLayout.load(args.index_dir)
+    layout = IndexLayout.load(args.index_dir)  # a version root: the version CURRENT names
+    index_root = str(Path(args.index_dir).resolve()) if is_version_root(args.index_dir) else None
     meta, _ = read_checkpoint(args.checkpoint)
     check_identity(checkpoint_identity(args.checkpoint), layout.identity,
                    f"checkpoint {args.checkpoint} vs index {args.index_dir}")
@@ -95,11 +99,13 @@ def build_app(args: AppArgs | dict) -> Application:
                                      **({"resources": args.shard_resources[i]} if i in args.shard_resources else {})},
                                  max_ongoing_requests=args.shard_max_ongoing_requests,
                                  autoscaling_config=args.shard_autoscaling.model_dump()).bind(
-        args.index_dir, i, layout.identity, args.use_gpu, args.shard_threads, args.shard_delay_s.get(i, 0.0))
+        str(layout.directory.resolve()), i, layout.identity, args.use_gpu, args.shard_threads, args.shard_delay_s.get(i, 0.0))
         for i in range(layout.num_shards)]
     settings = {"top_k": args.top_k, "shard_timeout_s": args.shard_timeout_s,
                 "encoder_timeout_s": args.encoder_timeout_s, "max_body_bytes": args.max_body_bytes,
                 "body_timeout_s": args.body_timeout_s, "body_idle_timeout_s": args.body_idle_timeout_s,
-                "cooloff_s": args.cooloff_s}
+                "cooloff_s": args.cooloff_s, "ready_timeout_s": args.ready_timeout_s,
+                "index_poll_s": args.index_poll_s, "admin_token": args.admin_token,
+                "index_dir": str(layout.directory.resolve()), "index_root": index_root, "identity": layout.identity}
     return RetrievalIngress.options(ray_actor_options={"num_cpus": args.ingress_cpus}).bind(
         encoder, shards, settings, app_info(args, layout, meta))

@@ -82,6 +82,9 @@ class QueryEncoder:
         self._headers = ThreadPoolExecutor(1, thread_name_prefix="image-headers")
         self._decoders = ThreadPoolExecutor(decode_threads, thread_name_prefix="image-decode")
         self._tags = itertools.count()
+        from dialclip_ray.serving.metrics import EncoderMetrics
+
+        self.metrics = EncoderMetrics()
 
     async def ping(self) -> bool:
         """Liveness probe of the ingress's cool-off."""
@@ -119,4 +122,7 @@ class QueryEncoder:
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def _encode_batch(self, prepared: list) -> list[dict[str, Any]]:
         # The forward pass runs in a thread so the replica's event loop keeps collecting the next batch.
-        return await asyncio.to_thread(self.encoder.forward, prepared)
+        out = await asyncio.to_thread(self.encoder.forward, prepared)
+        cache = self.encoder.feature_cache
+        self.metrics.cache(cache.hits, cache.misses)
+        return out

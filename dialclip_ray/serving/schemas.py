@@ -21,6 +21,12 @@ MAX_IMAGES = 16
 MAX_IMAGE_BYTES = 4 * 1024 * 1024
 MAX_B64_CHARS = (MAX_IMAGE_BYTES + 2) // 3 * 4 + len("data:image/jpeg;base64,")  # the image-size limit
 MAX_ID_CHARS = 512
+MAX_BATCH = 16  # dialogs per /v1/retrieve/batch body (the body's byte cap applies too)
+# The smallest per-request deadline, meant to be one an idle service always meets. NOT YET MEASURED:
+# 100 ms is a chosen floor (issue 21 suggests 50-100 ms); confirm it with the idle shard round-trip p99.9.
+MIN_TIMEOUT_MS = 100
+MAX_NPROBE = 65_536
+MAX_EF_SEARCH = 4_096
 # Standard base64 (RFC 4648, padded, no whitespace), optionally as a data: URL of an accepted format.
 # The rust regex engine pydantic uses anchors ``$`` at the very end (no trailing newline).
 B64_PATTERN = (r"^(?:data:image/(?:png|jpeg|webp);base64,)?"
@@ -138,8 +144,15 @@ class RetrieveRequest(_StrictRequest):
     target: Literal["image", "text"] = "image"
     allow_partial: bool = Field(False, description="answer with the shards that replied when some time out "
                                                    "or are down")
-    timeout_ms: json_int(ge=1, le=60_000) | None = Field(None,
-                            description="per-shard deadline, capped by the app's shard_timeout_s")
+    timeout_ms: json_int(ge=MIN_TIMEOUT_MS, le=60_000) | None = Field(
+        None, description=f"per-shard deadline in ms (at least {MIN_TIMEOUT_MS}: an idle service always meets "
+                          f"it), capped by the app's shard_timeout_s; a shard that misses it is a 504 naming it "
+                          f"(or partial results with allow_partial)")
+    nprobe: json_int(ge=1, le=MAX_NPROBE) | None = Field(
+        None, description="IVF lists visited per shard for this request (more: higher recall, slower); must lie "
+                          "within the bounds the index records (GET /v1/info: manifests.<target>.search), else 422")
+    ef_search: json_int(ge=1, le=MAX_EF_SEARCH) | None = Field(
+        None, description="HNSW efSearch for this request; within the index's recorded bounds, else 422")
 
     @model_validator(mode="after")
     def _not_empty(self) -> "RetrieveRequest":
@@ -163,11 +176,44 @@ class RetrieveResponse(BaseModel):
     partial: bool
     missing_shards: list[str]
     took_ms: float
+    index_version: str = Field(description="index_id of the index version every hit came from")
 
 
 class ErrorResponse(BaseModel):
     error: str
     missing_shards: list[str] | None = None
+
+
+class BatchRequest(_StrictRequest):
+    """Several dialogs in one body: each is validated as a ``RetrieveRequest`` and answered on its own."""
+
+    requests: list[RetrieveRequest] = Field(min_length=1, max_length=MAX_BATCH,
+                                            description=f"1..{MAX_BATCH} dialogs (the body's byte cap applies)")
+
+
+class BatchItem(BaseModel):
+    """One dialog's answer: ``status`` as /v1/retrieve would give it, with its response or its error."""
+
+    status: int
+    response: RetrieveResponse | None = None
+    error: ErrorResponse | None = None
+
+
+class BatchResponse(BaseModel):
+    responses: list[BatchItem]
+    took_ms: float
+    index_version: str
+
+
+class ReadyResponse(BaseModel):
+    status: Literal["ready"]
+    index_version: str
+
+
+class SwapRequest(_StrictRequest):
+    """Admin: serve another version of the app's version root (a directory name under it)."""
+
+    version: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 class AutoscalingArgs(_Strict):
@@ -212,6 +258,13 @@ class AppArgs(_Strict):
     body_idle_timeout_s: float = Field(5.0, gt=0, description="longest pause between body chunks (else 408)")
     cooloff_s: float = Field(2.0, gt=0, description="a shard or encoder whose call failed is skipped (fast 503 "
                              "or partial results) and probed again every cooloff_s until it answers")
+    ready_timeout_s: float = Field(2.0, gt=0, description="/readyz: how long the encoder and each shard have to "
+                                   "answer a ping")
+    index_poll_s: float = Field(1.0, gt=0, description="with a version root as index_dir: how often each ingress "
+                                "replica reads ROOT/CURRENT (a new version is pre-loaded, then served)")
+    admin_token: str | None = Field(None, min_length=16, description="bearer token of POST /admin/index (hot "
+                                    "swap); default: the DIALCLIP_ADMIN_TOKEN environment variable of the "
+                                    "ingress replica; neither set: the route answers 404")
     ingress_cpus: float = Field(0.1, gt=0)
     encoder_cpus: float = Field(0.25, gt=0)
     shard_cpus: float = Field(0.1, gt=0)
