@@ -36,7 +36,7 @@ from dialclip_ray.model.backbone import backbone_geometry
 from dialclip_ray.serving.app import build_app
 
 from checkpoint_support import make_checkpoint  # noqa: E402
-from dialclip_ray.serving.loopback import free_port
+from serve_support import serve_port  # noqa: E402
 
 pytestmark = pytest.mark.slow
 APP = "fuzz"
@@ -117,13 +117,8 @@ def fuzz_index(tmp_path_factory, tiny_corpus):
 def base_url(ray_cluster, fuzz_index) -> str:
     """The app's URL; Serve is started here unless an earlier module left it running (then its port)."""
     from ray import serve
-    from ray.serve.context import _get_global_client
 
-    try:
-        port = _get_global_client().http_config.port
-    except Exception:
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+    port = serve_port()
     args = {"checkpoint": str(fuzz_index["ckpt"]), "index_dir": str(fuzz_index["index"]), **LIMITS}
     serve.run(build_app(args), name=APP, route_prefix=f"/{APP}")
     url = f"http://127.0.0.1:{port}/{APP}"

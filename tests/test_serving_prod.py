@@ -13,6 +13,7 @@ import os
 import signal
 import threading
 import time
+from contextlib import contextmanager
 
 import faiss
 import httpx
@@ -22,7 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from checkpoint_support import make_checkpoint  # noqa: E402
-from dialclip_ray.serving.loopback import free_port
+from serve_support import serve_port  # noqa: E402
 
 pytestmark = pytest.mark.slow
 APP = "prod"
@@ -75,15 +76,10 @@ def versions(tmp_path_factory, tiny_corpus):
 @pytest.fixture(scope="module")
 def base_url(ray_cluster, versions) -> str:
     from ray import serve
-    from ray.serve.context import _get_global_client
 
     from dialclip_ray.serving.app import build_app
 
-    try:
-        port = _get_global_client().http_config.port
-    except Exception:
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+    port = serve_port()
     args = {"checkpoint": str(versions["ckpt"]), "index_dir": str(versions["root"]), "admin_token": TOKEN,
             "cooloff_s": 1.0, "ready_timeout_s": 1.0, "index_poll_s": 0.5, "shard_timeout_s": 3.0,
             "encoder_autoscaling": {"min_replicas": 2, "max_replicas": 2},
@@ -180,6 +176,22 @@ def test_readyz_names_a_dead_shard_until_it_is_replaced(client):
     assert 503 in seen and seen[-1] == 200, seen
 
 
+@contextmanager
+def under_load(url: str, users: int = 2):
+    """``users`` client threads sending requests back to back while the block runs; yields their
+    (status, body) list, complete once the block has ended."""
+    stop, results = threading.Event(), []
+    threads = [threading.Thread(target=run_load, args=(url, stop, results)) for _ in range(users)]
+    for t in threads:
+        t.start()
+    try:
+        yield results
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+
+
 def run_load(url: str, stop: threading.Event, results: list, limit: int = 2000, body: dict = OK) -> None:
     """One client thread: requests back to back until ``stop`` or ``limit`` (bounded), retrying nothing."""
     with httpx.Client(timeout=30) as c:
@@ -197,11 +209,7 @@ def test_encoder_replica_sigkill_under_load_costs_no_5xx(base_url, client):
         assert time.time() < deadline, "app did not become ready"
         time.sleep(0.5)
     (victim, _survivor) = replicas_of("QueryEncoder")
-    stop, results = threading.Event(), []
-    threads = [threading.Thread(target=run_load, args=(base_url, stop, results)) for _ in range(2)]
-    for t in threads:
-        t.start()
-    try:
+    with under_load(base_url) as results:
         time.sleep(2.0)
         before = len(results)
         os.kill(victim["pid"], signal.SIGKILL)
@@ -212,10 +220,6 @@ def test_encoder_replica_sigkill_under_load_costs_no_5xx(base_url, client):
                 break
             time.sleep(0.5)
         time.sleep(1.0)
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(60)
     codes = [c for c, _ in results]
     print(f"{len(codes)} requests ({len(codes) - before} after the kill); statuses {sorted(set(codes))}")
     assert len(codes) - before > 5 and set(codes) == {200}, [(c, b) for c, b in results if c != 200][:3]
@@ -228,11 +232,7 @@ def test_hot_swap_under_load_loses_nothing(base_url, client, versions):
     assert r.status_code == 401
     r = client.post("/admin/index", json={"version": "../x"}, headers={"authorization": f"Bearer {TOKEN}"})
     assert r.status_code == 422 and "version" in r.json()["error"]
-    stop, results = threading.Event(), []
-    threads = [threading.Thread(target=run_load, args=(base_url, stop, results)) for _ in range(2)]
-    for t in threads:
-        t.start()
-    try:
+    with under_load(base_url) as results:
         time.sleep(1.5)
         r = client.post("/admin/index", json={"version": versions["v2"]}, headers={"authorization": f"Bearer {TOKEN}"},
                         timeout=120)
@@ -240,10 +240,6 @@ def test_hot_swap_under_load_loses_nothing(base_url, client, versions):
         assert r.json() == {"index_version": versions["v2"], "previous": versions["v1"]}
         swapped_at = len(results)
         time.sleep(2.0)
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(60)
     assert current_version(versions["root"]) == versions["v2"]
     tags = {versions["v1"]: "v1", versions["v2"]: "v2"}
     assert {c for c, _ in results} == {200}, [b for c, b in results if c != 200][:3]
