@@ -81,6 +81,9 @@ RAY_KEEP = ("ray/dashboard/*.py", "ray/dashboard/client/build/index.html", "ray/
 
 # --- the dependency closure ---------------------------------------------------------------------
 # name -> why it is left out even though a requirement names it (its own requirements are not followed).
+PROJECT_DROP: tuple[tuple[str, str], ...] = (
+    ("dialclip_ray/model/standin/*", "the packed stand-in CLIP: read from the travelling working tree"),
+)
 DROP: dict[str, str] = {
     "faiss-gpu": "~200 MB with CUDA 12 cuBLAS: cannot travel; the GPU check searches with torch instead",
     "faiss-cpu": "~30 MB: does not fit beside Ray; the GPU check searches with torch instead",
@@ -496,9 +499,10 @@ def build_project_wheel(dest: Path) -> Path:
         built = list(Path(tmp).glob("dialclip_ray-*.whl"))
         if len(built) != 1:
             raise RuntimeError(f"pip wheel built {built}")
-        target = dest / built[0].name
-        shutil.copy2(built[0], target)
-        return target
+        # The stand-in's weights travel in the working tree, which gpu_run.sh puts first on PYTHONPATH:
+        # a second copy inside the wheel would only spend the per-call budget.
+        slim_wheel(built[0], dest, drop=PROJECT_DROP)
+        return dest / built[0].name
 
 
 def _installed_bytes(name: str) -> int:

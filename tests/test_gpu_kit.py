@@ -303,8 +303,8 @@ def test_slim_ray_kit_runs_ray_and_train_in_a_clean_env(kit, tmp_path):
     pyver = f"{sys.version_info.major}.{sys.version_info.minor}"
     out = tmp_path / "kit"
     # strip="yes": the riskier variant (rewritten binaries); unstripped files are the original bytes
-    report = kit.build_kit(out, tmp_path / "cache", python_version=pyver, host="image", strip="yes",
-                           compresslevel=1)
+    # the shipped compression level: whether the kit fits the device budget is a fact about what ships
+    report = kit.build_kit(out, tmp_path / "cache", python_version=pyver, host="image", strip="yes")
     assert report["fits"], f"kit {report['kit_mib']} MiB > budget {report['kit_budget_bytes'] / MIB:.1f} MiB"
     ray_whl = out / next(w["wheel"] for w in report["wheels"] if w["name"] == "ray")
     timings["build_kit"] = time.time() - t0
