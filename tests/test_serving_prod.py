@@ -174,6 +174,9 @@ def test_readyz_names_a_dead_shard_until_it_is_replaced(client):
             break  # replaced: ready again
         time.sleep(0.3)
     assert 503 in seen and seen[-1] == 200, seen
+    # Ready means served in full: /readyz's ping ended the cool-off that the partial requests started.
+    r = client.post("/v1/retrieve", json=OK)
+    assert r.status_code == 200 and not r.json().get("missing_shards"), r.text
 
 
 @contextmanager

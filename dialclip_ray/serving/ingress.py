@@ -218,6 +218,15 @@ class Cooloff:
             self.on_down(self.name)
         self._task = asyncio.get_running_loop().create_task(self._probe_until_up())
 
+    def answered(self) -> None:
+        """A call or ping got through (e.g. /readyz's): it is up now, without waiting for the next probe."""
+        if self.down_since is None:
+            return
+        logger.info("%s answers again after %.1f s", self.name, time.monotonic() - self.down_since)
+        if self._task is not None:
+            self._task.cancel()
+        self.down_since, self._task = None, None
+
     def describe(self) -> str:
         return (f"{self.name} is down (for {time.monotonic() - (self.down_since or 0):.1f} s: {self.reason}; "
                 f"probed every {self.cooloff_s:g} s)")
@@ -231,8 +240,8 @@ class Cooloff:
                 self.reason = (f"no answer to a probe within {self.probe_timeout_s:g} s"
                                if isinstance(err, asyncio.TimeoutError) else f"a probe failed ({type(err).__name__})")
                 continue
-            logger.info("%s answers again after %.1f s", self.name, time.monotonic() - self.down_since)
-            self.down_since, self._task = None, None
+            self._task = None  # this task ends here: nothing to cancel
+            self.answered()
             return
 
 
@@ -345,14 +354,15 @@ class RetrievalIngress:
         tasks = [asyncio.ensure_future(self._await(r)) for r in responses]
         _, pending = await asyncio.wait(tasks, timeout=timeout)
         why, missing = [], []
-        for name, task, response in zip(names, tasks, responses):
+        for name, state, task, response in zip(names, [self.encoder_state, *self.shard_states], tasks, responses):
             if task in pending:
                 task.cancel()
                 response.cancel()
                 why.append(f"{name} (no answer within {timeout:g} s)")
             elif task.exception() is not None:
                 why.append(f"{name} ({type(task.exception()).__name__})")
-            else:
+            else:  # it answers: a cool-off of its own ends now, so "ready" means requests are served in full
+                state.answered()
                 continue
             if name.startswith("Shard"):
                 missing.append(name)
