@@ -37,7 +37,7 @@ def no_ray_scenarios(run: C.ChaosRun, kills: int) -> None:
 
 RAY_SCENARIOS = ("index_build_sigkill", "train_worker_killed_mid_epoch", "train_driver_sigkill", "tune_driver_sigkill",
                  "train_corrupt_checkpoint", "serve_kill_shard_replica", "serve_kill_encoder_replica",
-                 "serve_kill_ingress_replica", "serve_autoscaling", "fuzz_schemathesis")
+                 "serve_kill_ingress_replica", "serve_hot_swap", "serve_autoscaling", "fuzz_schemathesis")
 
 
 def ray_scenarios(run: C.ChaosRun, png: Path) -> None:
@@ -51,12 +51,12 @@ def ray_scenarios(run: C.ChaosRun, png: Path) -> None:
         C.tune_driver_kill)
     run("train_corrupt_checkpoint", "train", "truncate the newest checkpoint's weights, then resume",
         C.corrupt_checkpoint)
-    run("serve_kill_shard_replica", "serve", "ray.kill Shard1's replica under locust load (4 users, allow_partial)",
-        S.kill_under_load("Shard1", allow_partial=True))
-    run("serve_kill_encoder_replica", "serve", "ray.kill the QueryEncoder replica under locust load (4 users)",
-        S.kill_under_load("QueryEncoder", allow_partial=False))
-    run("serve_kill_ingress_replica", "serve", "ray.kill the RetrievalIngress replica under locust load (4 users)",
-        S.kill_under_load("RetrievalIngress", allow_partial=False))
+    for name, deployment in (("serve_kill_shard_replica", "Shard1"), ("serve_kill_encoder_replica", "QueryEncoder"),
+                             ("serve_kill_ingress_replica", "RetrievalIngress")):
+        run(name, "serve", f"SIGKILL one of 2 {deployment} replicas under locust load (4 users, client retries "
+            "as `dialclip query`: 3, backoff + Retry-After)", S.kill_under_load(deployment))
+    run("serve_hot_swap", "serve", "POST /admin/index to a new index version under locust load (4 users, no "
+        "client retries); every answer checked against the version it names", S.hot_swap_under_load)
     run("serve_autoscaling", "serve", "8 locust users for 45 s against autoscaled (1..2) encoder and shards",
         lambda row, work: S.autoscaling(row, work, png))
     run("fuzz_schemathesis", "fuzz", "schemathesis (examples and fuzzing phases, 60 examples) against the live "
@@ -85,7 +85,8 @@ def write(rows: list[dict], out: Path, work: Path) -> None:
     names = {r["name"] for r in rows}
     merged = [r for r in previous if r["name"] not in names] + rows
     out.with_suffix(".json").write_text(json.dumps({"scenarios": merged}, indent=2, default=str) + "\n")
-    cols = ("name", "kind", "survived", "requests_sent", "requests_5xx", "requests_failed", "recovery_s", "data_lost")
+    cols = ("name", "kind", "survived", "requests_sent", "requests_5xx", "requests_lost", "requests_failed",
+            "recovery_s", "data_lost")
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(r.get(c)) for c in cols) + " |" for r in merged]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
@@ -104,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     run = C.ChaosRun(work, {x for x in args.only.split(",") if x} or None)
     out = Path(args.out)
     no_ray_scenarios(run, args.kills)
-    kinds = {"data": ("index_build_sigkill",), "train": RAY_SCENARIOS[1:5], "serve": RAY_SCENARIOS[5:9],
-             "fuzz": RAY_SCENARIOS[9:]}
+    kinds = {"data": ("index_build_sigkill",), "train": RAY_SCENARIOS[1:5], "serve": RAY_SCENARIOS[5:10],
+             "fuzz": RAY_SCENARIOS[10:]}
     wanted = not run.only or any(n in run.only or any(n in kinds.get(o, ()) for o in run.only) for n in RAY_SCENARIOS)
     if wanted:  # the local Ray cluster only when a selected scenario needs it
         ray.init(num_cpus=4, include_dashboard=True, log_to_driver=False,

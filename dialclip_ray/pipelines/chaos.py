@@ -36,6 +36,7 @@ class Scenario:
     requests_sent: int = 0
     requests_5xx: int = 0
     requests_failed: int = 0
+    requests_lost: int | None = None  # serving rows: no 200 even after the client's retries
     recovery_s: float | None = None
     data_lost: bool = False
     seconds: float = 0.0

@@ -1,9 +1,11 @@
 """Serving faults for ``bench/chaos.py``: replicas killed under locust load, autoscaling, a schemathesis run.
 
 One Serve app (``chaos``: micro checkpoint, 2-shard index of the tiny corpus's ids, random vectors:
-here the service's behaviour counts, not its retrieval quality) on 127.0.0.1. A locust run (headless,
-bounded) sends valid dialogs while a replica actor is killed with ``ray.kill``; the log of every
-request gives 5xx, failures and the time until every request was answered in full again.
+here the service's behaviour counts, not its retrieval quality) on 127.0.0.1, with the shipped
+configs' 2 replicas of every deployment. A locust run (headless, bounded; its users retry a 5xx as
+``dialclip query`` does) sends valid dialogs while one replica process is SIGKILLed, or while the
+index is hot-swapped; the log of every request gives the server's 5xx, the requests lost after the
+client's retries, and the time until every request was answered in full again.
 """
 
 from __future__ import annotations
@@ -25,8 +27,17 @@ LIMITS = {"shard_timeout_s": 3.0, "encoder_timeout_s": 10.0, "cooloff_s": 1.0, "
           "shard_cpus": 0.1, "ingress_cpus": 0.1}
 
 
-def random_index(work: Path, corpus, ckpt: Path) -> Path:
-    """A 2-shard flat index of every corpus image and text id (random unit vectors of the model's size)."""
+TOKEN = "chaos-admin-token-0123456789"
+TWO = {"min_replicas": 2, "max_replicas": 2}  # the shipped configs' replica counts, fixed for the run
+SHIPPED = {"encoder_autoscaling": TWO, "shard_autoscaling": {**TWO, "target_ongoing_requests": 2},
+           "ingress_autoscaling": TWO}
+
+
+def random_index(work: Path, corpus, ckpt: Path, versions: tuple[str, ...] = ()) -> Path:
+    """A 2-shard flat index of every corpus image and text id (random unit vectors of the model's size).
+
+    With ``versions``: a version root holding one index per tag (different vectors; every row's
+    metadata says its tag, so an answer mixing versions shows), the first one CURRENT."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -34,8 +45,8 @@ def random_index(work: Path, corpus, ckpt: Path) -> Path:
     from dialclip_ray.index.layout import checkpoint_identity, write_index
     from dialclip_ray.model.backbone import backbone_geometry
 
-    out = work / "index"
-    if (out / "index.json").exists():
+    out = work / ("index_versions" if versions else "index")
+    if (out / ("CURRENT" if versions else "index.json")).exists():
         return out
     dim = backbone_geometry("dialclip-micro").embed_dim
     rng = np.random.default_rng(0)
@@ -47,13 +58,18 @@ def random_index(work: Path, corpus, ckpt: Path) -> Path:
         v = rng.standard_normal((n, dim)).astype(np.float32)
         return v / np.linalg.norm(v, axis=1, keepdims=True)
 
-    mods = {"image": (images, vectors(len(images)), pa.Table.from_pylist([{"path": i} for i in images])),
-            "text": (texts, vectors(len(texts)), pa.Table.from_pylist([{"text": t} for t in texts]))}
     corpora = [{"dir": str(d), "source": read_meta(d)["source"]} for d in dirs]
-    return write_index(out, mods, checkpoint_identity(ckpt), shards=2, corpora=corpora).directory
+    for tag in versions or (None,):
+        meta = (lambda key, ids: pa.Table.from_pylist([{key: i, **({"version": tag} if tag else {})} for i in ids]))
+        mods = {"image": (images, vectors(len(images)), meta("path", images)),
+                "text": (texts, vectors(len(texts)), meta("text", texts))}
+        layout = write_index(out, mods, checkpoint_identity(ckpt), shards=2, corpora=corpora, versioned=bool(tag))
+        if tag:
+            (out / f"TAG-{tag}").write_text(layout.index_id)  # the chaos run's own note of which id is which tag
+    return out
 
 
-def start_app(work: Path, **overrides) -> str:
+def start_app(work: Path, versions: tuple[str, ...] = (), **overrides) -> str:
     """Serve the chaos app on a free loopback port (or the running proxy's); returns its base URL."""
     import httpx
     from ray import serve
@@ -63,7 +79,7 @@ def start_app(work: Path, **overrides) -> str:
 
     corpus = prepared_corpus(work.parent / "train_corpus")
     ckpt = micro_checkpoint(work.parent / "serve_artifacts")
-    index = random_index(work.parent / "serve_artifacts", corpus, ckpt)
+    index = random_index(work.parent / "serve_artifacts", corpus, ckpt, versions)
     try:
         port = _get_global_client().http_config.port
     except Exception:
@@ -81,48 +97,84 @@ def start_app(work: Path, **overrides) -> str:
     raise RuntimeError("the chaos app did not answer within 60 s")
 
 
-def replicas() -> dict[str, str]:
-    """``{replica actor name: deployment}`` of the chaos app's live replicas."""
+def replicas() -> dict[str, dict]:
+    """``{replica actor name: {"deployment", "pid"}}`` of the chaos app's live replicas (Ray's state API)."""
     import ray
+    from ray.util.state import list_actors
 
     prefix = f"SERVE_REPLICA::{APP}#"
-    return {a["name"]: a["name"].removeprefix(prefix).split("#")[0]
-            for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)}
+    address = ray.get_runtime_context().gcs_address
+    return {a["name"]: {"deployment": a["name"].removeprefix(prefix).split("#")[0], "pid": a["pid"]}
+            for a in list_actors(address=address, filters=[("state", "=", "ALIVE")], limit=1000)
+            if (a.get("name") or "").startswith(prefix)}
 
 
-def kill_under_load(deployment: str, allow_partial: bool, seconds: int = 40, users: int = 4):
-    """Locust for ``seconds`` s; at 1/4 of it, kill ``deployment``'s replica; row from the request log."""
+def _fill_row(row: Scenario, rows: list[dict], s: dict, **detail) -> None:
+    row.requests_sent, row.requests_5xx, row.requests_failed = s["requests_sent"], s["requests_5xx"], s["requests_failed"]
+    row.requests_lost, row.recovery_s = s["requests_lost"], s.get("recovery_s")
+    row.detail.update({k: v for k, v in s.items() if k not in ("requests_sent", "requests_5xx", "requests_failed",
+                                                               "requests_lost", "recovery_s")}, **detail)
+
+
+def kill_under_load(deployment: str, seconds: int = 40, users: int = 4, retries: int = 3):
+    """The shipped replica counts (2 of everything); locust for ``seconds`` s with client retries; at 1/4
+    of it, SIGKILL one of ``deployment``'s replica processes; the row from the request log."""
 
     def scenario(row: Scenario, work: Path) -> None:
-        import ray
+        import os
+        import signal
 
-        url = start_app(work)
+        url = start_app(work, **SHIPPED)
         log = work / "requests.jsonl"
         log.unlink(missing_ok=True)
         before = replicas()
-        proc = start_locust(url, log, users=users, seconds=seconds, path=f"/{APP}", timeout_s=30,
-                            allow_partial=allow_partial)
+        proc = start_locust(url, log, users=users, seconds=seconds, path=f"/{APP}", timeout_s=30, retries=retries)
         time.sleep(seconds / 4)
-        victim = next(name for name, d in before.items() if d == deployment)
+        victim = next(name for name, r in before.items() if r["deployment"] == deployment)
         fault_t = time.time()
-        ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
-        stop_locust(proc, timeout_s=seconds + 60)
+        os.kill(before[victim]["pid"], signal.SIGKILL)
+        stop_locust(proc, timeout_s=seconds + 90)
         rows = read_log(log)
         s = summarize(rows, fault_t)
         after = replicas()
-        replaced = sorted(after.values()) == sorted(before.values()) and victim not in after
-        row.requests_sent, row.requests_5xx, row.requests_failed = s["requests_sent"], s["requests_5xx"], s["requests_failed"]
-        row.recovery_s = s["recovery_s"]
-        non_503 = sum(1 for r in rows if 500 <= r["status"] < 600 and r["status"] != 503)
-        row.detail.update({k: v for k, v in s.items() if k not in ("requests_sent", "requests_5xx", "requests_failed",
-                                                                   "recovery_s")},
-                          victim=deployment, replaced=replaced, allow_partial=allow_partial, users=users,
-                          seconds=seconds, non_503_5xx=non_503)
-        # survived: Serve replaced the replica, nothing hung, no 5xx but 503s during the gap, and full answers after
-        row.survived = (replaced and s["requests_no_answer"] == 0 and non_503 == 0
-                        and s["answered_after_recovery"] > 0)
+        replaced = (sorted(r["deployment"] for r in after.values()) == sorted(r["deployment"] for r in before.values())
+                    and victim not in after)
+        _fill_row(row, rows, s, victim=deployment, replicas=sum(r["deployment"] == deployment for r in before.values()),
+                  replaced=replaced, users=users, seconds=seconds, client_retries=retries, signal="SIGKILL")
+        # survived: Serve replaced the replica, nothing hung and no request was lost (the issue's target)
+        row.survived = replaced and s["requests_no_answer"] == 0 and s["requests_lost"] == 0
 
     return scenario
+
+
+def hot_swap_under_load(row: Scenario, work: Path, seconds: int = 30, users: int = 4) -> None:
+    """Locust (no client retries) against a version root; at 1/3 of the run, POST /admin/index switches to
+    version v2. Target: no failed request, and every answer wholly from the version it names."""
+    import httpx
+
+    url = start_app(work, versions=("v1", "v2"), admin_token=TOKEN, index_poll_s=0.5, **SHIPPED)
+    root = work.parent / "serve_artifacts" / "index_versions"
+    ids = {tag: (root / f"TAG-{tag}").read_text() for tag in ("v1", "v2")}
+    log = work / "requests.jsonl"
+    log.unlink(missing_ok=True)
+    proc = start_locust(url, log, users=users, seconds=seconds, path=f"/{APP}", timeout_s=30)
+    time.sleep(seconds / 3)
+    swap_t = time.time()
+    r = httpx.post(f"{url}/{APP}/admin/index", json={"version": ids["v2"]},
+                   headers={"authorization": f"Bearer {TOKEN}"}, timeout=120)
+    swap_s = time.time() - swap_t
+    stop_locust(proc, timeout_s=seconds + 60)
+    rows = read_log(log)
+    s = summarize(rows, swap_t)
+    tag_of = {v: k for k, v in ids.items()}
+    mixed = [x for x in rows if x["status"] == 200 and x["hit_versions"] != [tag_of.get(x["index_version"])]]
+    seen = [tag_of.get(x["index_version"]) for x in sorted(rows, key=lambda x: x["t"]) if x["status"] == 200]
+    after = [tag_of.get(x["index_version"]) for x in rows if x["status"] == 200 and x["t"] > swap_t + swap_s + 2]
+    _fill_row(row, rows, s, swap_status=r.status_code, swap_answer=r.json(), swap_seconds=round(swap_s, 2),
+              answers_mixing_versions=len(mixed), answers_by_version={t: seen.count(t) for t in ("v1", "v2")},
+              v1_after_swap_plus_2s=after.count("v1"), users=users, seconds=seconds)
+    row.survived = (r.status_code == 200 and s["requests_lost"] == 0 and s["requests_5xx"] == 0 and not mixed
+                    and "v1" in seen and seen[-1] == "v2" and after.count("v1") == 0)
 
 
 def autoscaling(row: Scenario, work: Path, out_png: Path | None = None) -> None:
@@ -150,6 +202,7 @@ def autoscaling(row: Scenario, work: Path, out_png: Path | None = None) -> None:
     peak = {name: max(p.get(name) or 0 for p in timeline) for name in timeline[0] if name != "t"}
     final = {name: timeline[-1].get(name) for name in peak}
     row.requests_sent, row.requests_5xx, row.requests_failed = s["requests_sent"], s["requests_5xx"], s["requests_failed"]
+    row.requests_lost = s["requests_lost"]
     row.detail.update(peak_replicas=peak, final_replicas=final, p50_ms=s["p50_ms"], p99_ms=s["p99_ms"],
                       config=scale, timeline=timeline)
     scaled_up = peak.get("QueryEncoder", 0) >= 2 or any(peak.get(f"Shard{i}", 0) >= 2 for i in range(2))

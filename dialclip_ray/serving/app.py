@@ -107,5 +107,6 @@ def build_app(args: AppArgs | dict) -> Application:
                 "cooloff_s": args.cooloff_s, "ready_timeout_s": args.ready_timeout_s,
                 "index_poll_s": args.index_poll_s, "admin_token": args.admin_token,
                 "index_dir": str(layout.directory.resolve()), "index_root": index_root, "identity": layout.identity}
-    return RetrievalIngress.options(ray_actor_options={"num_cpus": args.ingress_cpus}).bind(
+    ingress_scaling = {"autoscaling_config": args.ingress_autoscaling.model_dump()} if args.ingress_autoscaling else {}
+    return RetrievalIngress.options(ray_actor_options={"num_cpus": args.ingress_cpus}, **ingress_scaling).bind(
         encoder, shards, settings, app_info(args, layout, meta))

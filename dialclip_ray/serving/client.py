@@ -51,6 +51,13 @@ def _retry_after(headers: dict) -> float | None:
         return None
 
 
+def retry_wait(attempt: int, headers: dict, backoff_s: float, max_wait_s: float, rng: random.Random) -> float:
+    """Seconds before retry ``attempt + 1``: full-jitter exponential backoff, at least the server's
+    ``Retry-After``, at most ``max_wait_s`` (also what the chaos run's locust users wait)."""
+    wait = rng.uniform(0, backoff_s * 2 ** attempt)  # full jitter: clients do not retry in lockstep
+    return min(max_wait_s, max(wait, _retry_after(headers) or 0.0))
+
+
 def retrieve(url: str, body: dict, timeout: float = 60.0, retries: int = 3, backoff_s: float = 0.5,
              max_wait_s: float = 10.0, rng: random.Random | None = None) -> Answer:
     """POST ``body`` to ``url``; retry 5xx and connection failures up to ``retries`` times."""
@@ -67,9 +74,7 @@ def retrieve(url: str, body: dict, timeout: float = 60.0, retries: int = 3, back
             return Answer(status, out, attempt + 1, waits)
         if attempt == retries:
             break
-        wait = rng.uniform(0, backoff_s * 2 ** attempt)  # full jitter: clients do not retry in lockstep
-        hinted = _retry_after(headers)
-        wait = min(max_wait_s, max(wait, hinted or 0.0))
+        wait = retry_wait(attempt, headers, backoff_s, max_wait_s, rng)
         waits.append(round(wait, 3))
         time.sleep(wait)
     return Answer(status, out, retries + 1, waits)

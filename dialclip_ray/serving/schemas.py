@@ -279,6 +279,9 @@ class AppArgs(_Strict):
     encoder_autoscaling: AutoscalingArgs | None = Field(
         None, description="QueryEncoder autoscaling (None: one replica, or what the Serve config's "
         "deployments section says)")
+    ingress_autoscaling: AutoscalingArgs | None = Field(
+        None, description="RetrievalIngress autoscaling (None: one replica, or what the Serve config's "
+        "deployments section says)")
     shard_resources: dict[int, dict[str, float]] = Field(
         default_factory=dict, description="extra Ray resources per shard index, e.g. {1: {node_b: 0.01}} to "
         "place Shard1 on the node that offers the custom resource node_b")
