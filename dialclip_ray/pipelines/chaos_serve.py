@@ -109,7 +109,8 @@ def replicas() -> dict[str, dict]:
             if (a.get("name") or "").startswith(prefix)}
 
 
-def _fill_row(row: Scenario, rows: list[dict], s: dict, **detail) -> None:
+def _fill_row(row: Scenario, s: dict, **detail) -> None:
+    """A serving row's request counts from ``summarize``; the rest of the summary and ``detail`` go to detail."""
     row.requests_sent, row.requests_5xx, row.requests_failed = s["requests_sent"], s["requests_5xx"], s["requests_failed"]
     row.requests_lost, row.recovery_s = s["requests_lost"], s.get("recovery_s")
     row.detail.update({k: v for k, v in s.items() if k not in ("requests_sent", "requests_5xx", "requests_failed",
@@ -139,7 +140,7 @@ def kill_under_load(deployment: str, seconds: int = 40, users: int = 4, retries:
         after = replicas()
         replaced = (sorted(r["deployment"] for r in after.values()) == sorted(r["deployment"] for r in before.values())
                     and victim not in after)
-        _fill_row(row, rows, s, victim=deployment, replicas=sum(r["deployment"] == deployment for r in before.values()),
+        _fill_row(row, s, victim=deployment, replicas=sum(r["deployment"] == deployment for r in before.values()),
                   replaced=replaced, users=users, seconds=seconds, client_retries=retries, signal="SIGKILL")
         # survived: Serve replaced the replica, nothing hung and no request was lost (the issue's target)
         row.survived = replaced and s["requests_no_answer"] == 0 and s["requests_lost"] == 0
@@ -170,7 +171,7 @@ def hot_swap_under_load(row: Scenario, work: Path, seconds: int = 30, users: int
     mixed = [x for x in rows if x["status"] == 200 and x["hit_versions"] != [tag_of.get(x["index_version"])]]
     seen = [tag_of.get(x["index_version"]) for x in sorted(rows, key=lambda x: x["t"]) if x["status"] == 200]
     after = [tag_of.get(x["index_version"]) for x in rows if x["status"] == 200 and x["t"] > swap_t + swap_s + 2]
-    _fill_row(row, rows, s, swap_status=r.status_code, swap_answer=r.json(), swap_seconds=round(swap_s, 2),
+    _fill_row(row, s, swap_status=r.status_code, swap_answer=r.json(), swap_seconds=round(swap_s, 2),
               answers_mixing_versions=len(mixed), answers_by_version={t: seen.count(t) for t in ("v1", "v2")},
               v1_after_swap_plus_2s=after.count("v1"), users=users, seconds=seconds)
     row.survived = (r.status_code == 200 and s["requests_lost"] == 0 and s["requests_5xx"] == 0 and not mixed
@@ -201,10 +202,7 @@ def autoscaling(row: Scenario, work: Path, out_png: Path | None = None) -> None:
     s = summarize(rows)
     peak = {name: max(p.get(name) or 0 for p in timeline) for name in timeline[0] if name != "t"}
     final = {name: timeline[-1].get(name) for name in peak}
-    row.requests_sent, row.requests_5xx, row.requests_failed = s["requests_sent"], s["requests_5xx"], s["requests_failed"]
-    row.requests_lost = s["requests_lost"]
-    row.detail.update(peak_replicas=peak, final_replicas=final, p50_ms=s["p50_ms"], p99_ms=s["p99_ms"],
-                      config=scale, timeline=timeline)
+    _fill_row(row, s, peak_replicas=peak, final_replicas=final, config=scale, timeline=timeline)
     scaled_up = peak.get("QueryEncoder", 0) >= 2 or any(peak.get(f"Shard{i}", 0) >= 2 for i in range(2))
     scaled_down = all((final.get(n) or 0) <= 1 for n in peak if n.startswith(("Shard", "QueryEncoder")))
     row.detail.update(scaled_up=scaled_up, scaled_down=scaled_down)
