@@ -190,3 +190,18 @@ def test_ray_examples(mm_dir, mm_shard_dir, ray_cluster):
         rows = ds.take_all()
         assert sorted(r["id"] for r in rows) == ["mmdialog/dev/v1/1/0", "mmdialog/dev/v1/1/1"]
         assert all(r["split"] == "dev" for r in rows) and len(rows[0]["candidates"]) == 4
+
+
+def test_false_negatives_mark_same_targets_and_what_the_context_holds():
+    from dialclip_ray.data.dataset import ExampleRecord, Turn, false_negatives
+
+    def rec(i, target, text, context):
+        return ExampleRecord(f"e{i}", "mmdialog", "train", [Turn(0, c) for c in context], "", "text", target,
+                             target_text=text)
+
+    records = [rec(0, "t1", "hi there", []), rec(1, "t2", "nice dog", ["hi there"]),
+               rec(2, "t1", "hi there", ["x"]), rec(3, "t9", "other", ["y"])]
+    m = false_negatives(records).tolist()
+    assert m[1][0] and m[1][2]          # query 1's context holds reply t1
+    assert m[0][2] and m[2][0]          # the same target twice
+    assert not any(m[i][i] for i in range(4)) and not any(m[3]) and not m[0][1]

@@ -284,6 +284,21 @@ def _with_features(store: ContextFeatures, kept: list, imgs: list, text_part: tu
                       rtype, turn_features, image_features)
 
 
+def false_negatives(records: Sequence[ExampleRecord]) -> torch.Tensor:
+    """[B, B] mask of in-batch pairs (query i, target j != i) that are not negatives: j's target is i's own,
+    or i's context already holds it (MMDialog-style: a later turn's context contains an earlier turn's
+    reply or photo). Left in, InfoNCE pushes a query away from what it literally contains."""
+    held = [({t.text for t in r.context} | {r.current_text}) if r.target_type == "text"
+            else {i for t in r.context for i in t.image_ids} for r in records]
+    mask = torch.zeros(len(records), len(records), dtype=torch.bool)
+    for i, q in enumerate(records):
+        for j, n in enumerate(records):
+            if i != j and (n.target_id == q.target_id
+                           or (n.target_text if n.target_type == "text" else n.target_id) in held[i]):
+                mask[i, j] = True
+    return mask
+
+
 def collate_train(records: Sequence[ExampleRecord], tokenizer: Any, load_image: Callable[[str], torch.Tensor],
                   cfg: ReaderConfig, features: ContextFeatures | None = None) -> TrainBatch:
     """Query batch plus positives; all records share one target type (the rest of the batch are negatives)."""
@@ -295,12 +310,13 @@ def collate_train(records: Sequence[ExampleRecord], tokenizer: Any, load_image: 
     ids = tuple(r.id for r in records)
     if ttype == "image":
         return TrainBatch(query, ttype, target_images=torch.stack([load_image(r.target_id) for r in records]),
-                          example_ids=ids)
+                          example_ids=ids, false_negatives=false_negatives(records))
     missing = [r.id for r in records if r.target_text is None]
     if missing:
         raise ValueError(f"text targets without target_text (load records via CanonicalDataset): {missing[:3]}")
     return TrainBatch(query, ttype, target_tokens=tokenize_texts(tokenizer, [r.target_text for r in records],
-                                                                 cfg.context_length), example_ids=ids)
+                                                                 cfg.context_length), example_ids=ids,
+                      false_negatives=false_negatives(records))
 
 
 class DialogTorchDataset(torch.utils.data.Dataset):

@@ -77,11 +77,15 @@ class TrainBatch:
     target_images: torch.Tensor | None = None  # [B, 3, H, W] when target_type == "image"
     target_tokens: torch.Tensor | None = None  # [B, L] when target_type == "text"
     example_ids: tuple[str, ...] = ()  # which examples this batch holds (audit of the data order)
+    # [B, B] bool, True at (i, j != i) where target j is no negative for query i: the same target, or one
+    # the query's context already holds (a reply that is one of its turns, a photo it showed).
+    false_negatives: torch.Tensor | None = None
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "TrainBatch":
         move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
         return TrainBatch(self.query.to(device, non_blocking), self.target_type,
-                          move(self.target_images), move(self.target_tokens), self.example_ids)
+                          move(self.target_images), move(self.target_tokens), self.example_ids,
+                          move(self.false_negatives))
 
     def __len__(self) -> int:
         return len(self.query)

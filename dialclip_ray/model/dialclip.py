@@ -197,12 +197,14 @@ class DialCLIP(nn.Module):
         return self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
 
     def forward(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
-        """Symmetric InfoNCE over in-batch negatives (query->target and target->query)."""
+        """Symmetric InfoNCE over in-batch negatives (query->target and target->query); pairs the batch
+        marks as false negatives are left out of both softmaxes (the diagonal never is)."""
         q = self.encode_query(batch.query)
         t = self.encode_targets(batch)
         logits = self.temperature_scale() * q @ t.t()
         labels = torch.arange(len(q), device=q.device)
-        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+        masked = logits if batch.false_negatives is None else logits.masked_fill(batch.false_negatives, float("-inf"))
+        loss = (F.cross_entropy(masked, labels) + F.cross_entropy(masked.t(), labels)) / 2
         return {"loss": loss, "logits": logits}
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
