@@ -9,13 +9,17 @@ import torch
 from dialclip_ray.model.experts import ProjectionExperts
 
 
-def hard_routing_worker(rank: int, port: int, out: str) -> None:
-    """Two gloo ranks, hard routing over 2 experts: step 1 each rank uses another expert, then only expert 0."""
+def hard_routing_worker(rank: int, out: str) -> None:
+    """Two gloo ranks, hard routing over 2 experts: step 1 each rank uses another expert, then only expert 0.
+
+    The ranks meet through a file in ``out``, not a TCP port: a port picked free by the parent can be
+    taken by another process before rank 0 binds it (a rare EADDRINUSE in CI's spawn).
+    """
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(out, 'rendezvous')}", rank=rank,
+                            world_size=2)
     torch.manual_seed(0)
     experts = ProjectionExperts(torch.nn.Linear(8, 4), 8, 4, num_experts=2, rank=2, num_types=2)
     for p in experts.parameters():

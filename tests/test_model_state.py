@@ -15,7 +15,6 @@ from dialclip_ray.model.config import PRESETS, DialCLIPConfig, preset
 from dialclip_ray.model.dialclip import build_model
 from dialclip_ray.model.experts import ProjectionExperts
 from dialclip_ray.model.text import tokenize_texts
-from dialclip_ray.serving.loopback import free_port
 from dialclip_ray.train.config import ConfigError, TrainConfig, load_train_config
 from ddp_support import hard_routing_worker
 from test_model import DIALOGS, MICRO, make_query
@@ -168,9 +167,8 @@ def test_hard_routing_under_ddp(tmp_path):
     """Experts used on one rank only are synchronised; experts unused on every rank keep grad None."""
     import torch.multiprocessing as mp
 
-    port = free_port()
-    mp.spawn(hard_routing_worker, args=(port, str(tmp_path)), nprocs=2)
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    mp.spawn(hard_routing_worker, args=(str(tmp_path),), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     for rank in (r0, r1):
         assert rank["grads_none"] == [[False, False], [True, True], [True, True]]
     for k, v in r0["state"].items():
