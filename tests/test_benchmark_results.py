@@ -111,3 +111,25 @@ def test_attribute_agreement_says_which_attributes_the_top1_photo_gets_right(tmp
                                   "count": pytest.approx(66.67)}
     assert out["misses_only"] == {"colour": 50.0, "shape": 50.0, "count": 50.0}
     assert B.attribute_agreement(tmp_path / "synth_truth.json", B.QueryRanks(np.array([1]), ["q"], 1)) == {}
+
+
+def test_proxy_configs_are_absolute_and_named_the_same_from_any_directory(tmp_path, monkeypatch):
+    """Tune runs each trial in its own working directory: relative paths would land the proxy runs there."""
+    from dialclip_ray.model.config import preset
+    from dialclip_ray.train.config import DataSection, RunSection, TrainConfig
+
+    def make_config(variant, lr, proxy=False):
+        return TrainConfig(model=preset(variant), data=DataSection(train=["runs/cache/corpus/photochat"]),
+                           run=RunSection(name=f"{variant}-x", storage_path="runs/cache/bench_lr"))
+
+    names = []
+    for here in ("a", "b"):
+        (tmp_path / here).mkdir()
+        monkeypatch.chdir(tmp_path / here)
+        name, configs = B.proxy_configs(["finetune", "default"], make_config, (5e-5, 5e-4))
+        names.append(name)
+        assert sorted(configs) == ["default@0.0005", "default@5e-05", "finetune@0.0005", "finetune@5e-05"]
+        for cfg in configs.values():
+            assert cfg["run"]["storage_path"] == str(tmp_path / here / "runs/cache/bench_lr")
+            assert cfg["data"]["train"] == [str(tmp_path / here / "runs/cache/corpus/photochat")]
+    assert names[0] == names[1]

@@ -197,6 +197,19 @@ def _proxy_trial(params: dict, configs: dict) -> None:
                  "curve": [[h.get("step"), h.get("val_sum")] for h in outcome.history]})
 
 
+def proxy_configs(variants: Sequence[str], make_config: Callable[..., Any], grid: Sequence[float]
+                  ) -> tuple[str, dict[str, dict]]:
+    """The sweep's name (a hash of the configs as the caller built them) and each trial's config, keyed
+    ``variant@lr``, with absolute paths: a Tune trial runs in its own working directory under the Ray
+    session, so a relative storage path would put its proxy run there, in /tmp, never to be reused."""
+    from dialclip_ray.train.config import resolve_paths
+
+    built = {f"{v}@{lr!r}": make_config(v, lr=lr, proxy=True) for v in variants for lr in grid}
+    digest = hashlib.sha256(json.dumps({k: c.model_dump(mode="json") for k, c in built.items()},
+                                       sort_keys=True).encode()).hexdigest()[:10]
+    return f"sweep-{digest}", {k: resolve_paths(c).model_dump(mode="json") for k, c in built.items()}
+
+
 def select_lrs(variants: Sequence[str], make_config: Callable[..., Any], grid: Sequence[float] = LR_GRID,
                storage: str | os.PathLike = "runs/cache/bench_lr_sweep",
                log: Callable[[str], None] = print) -> dict[str, dict]:
@@ -210,11 +223,9 @@ def select_lrs(variants: Sequence[str], make_config: Callable[..., Any], grid: S
 
     from dialclip_ray.runtime import ensure_ray
 
-    configs = {f"{v}@{lr!r}": make_config(v, lr=lr, proxy=True).model_dump(mode="json")
-               for v in variants for lr in grid}
+    name, configs = proxy_configs(variants, make_config, grid)
     workers = next(iter(configs.values()))["run"]["workers"]
     ensure_ray(num_cpus=workers + 1)
-    name = "sweep-" + hashlib.sha256(json.dumps(configs, sort_keys=True).encode()).hexdigest()[:10]
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(_proxy_trial, configs=configs), {"cpu": 0.5}),
         param_space={"variant": tune.grid_search(list(variants)), "lr": tune.grid_search(list(grid))},
