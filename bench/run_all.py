@@ -39,7 +39,7 @@ PLAN: dict[str, tuple[list[str], list[str] | None]] = {
     # the protocol of docs/results.md "Synthetic benchmark" with every variant and seed (the published run
     # is its 4-variant, 1-seed subset: --variants zeroshot,finetune,default,ungated --seeds 1)
     "synthetic_benchmark": (["--epochs", "4", "--patience", "2", "--max-text-queries", "2500"], None),
-    "finetune_probe": ([], None),  # trains the finetune preset three times (about 8 min)
+    "finetune_probe": ([], None),  # trains the finetune preset seven times (about 20 min)
     "chaos": ([], None),  # kills and restarts real clusters: minutes per scenario
 }
 GPU = ("gpu_check", [])
